@@ -1,0 +1,1 @@
+"""dcfx: DeepCache as a compiled graph pass."""
