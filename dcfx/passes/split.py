@@ -1,0 +1,148 @@
+"""Split pass: one captured U-Net graph + a branch -> the full graph and the shallow graph.
+
+In: a GraphModule from `dcfx.capture` (flat tensor placeholders, flat tuple output), ATen
+ops with `meta["val"]`.
+
+A *skip connection* is a channel concatenation (`aten.cat`, dim 1, two tensors of rank >= 3)
+one of whose operands is an ancestor of the other: the ancestor is the skip tensor `s`,
+made on the way down, and the other the up path's hidden state `h`, which depends on it
+through the deep part of the network. Skips are numbered in the order their tensors are
+produced (the graph's topological order), so `s0` is the outermost one.
+
+Out, for branch b:
+- the full graph: the input graph with `h_b` appended to its outputs (the feature to cache);
+- the shallow graph: the input graph with `h_b` replaced by a new last placeholder (the
+  cached feature), then dead code removed, which drops the mid block and every layer that
+  only fed `h_b`.
+Both keep the input graph's placeholders in order (unused ones included), so the runtime
+calls them with the same tensors; neither mutates the input graph, and both share its
+weights (no copies).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+CACHE_INPUT = "deepcache_feature"
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Skip connection `s_index`, as found in a graph."""
+
+    index: int
+    skip: fx.Node  # s_b, the down-path tensor
+    hidden: fx.Node  # h_b, the up-path hidden state it is concatenated with (cached at branch b)
+    concat: fx.Node  # the aten.cat joining them
+
+    @property
+    def hidden_first(self) -> bool:
+        return self.concat.args[0][0] is self.hidden
+
+
+@dataclass
+class SplitGraphs:
+    """Result of `split`: outputs of `full` are the input graph's plus the cached feature."""
+
+    full: fx.GraphModule
+    shallow: fx.GraphModule
+    branch: int
+    num_skips: int
+
+
+def find_skips(graph: fx.Graph) -> list[Skip]:
+    """The skip connections of a U-Net graph, numbered in production order."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    found = []
+    for node in graph.nodes:
+        pair = _channel_concat_pair(node)
+        if pair is None:
+            continue
+        a, b = pair
+        if _is_ancestor(b, a, order):
+            found.append((b, a, node))
+        elif _is_ancestor(a, b, order):
+            found.append((a, b, node))
+    found.sort(key=lambda f: order[f[0]])
+    return [Skip(i, s, h, c) for i, (s, h, c) in enumerate(found)]
+
+
+def split(gm: fx.GraphModule, branch: int) -> SplitGraphs:
+    """Split a captured U-Net graph at skip connection `branch` (see the module docstring)."""
+    skips = find_skips(gm.graph)
+    if not skips:
+        raise ValueError(
+            "found no skip connections (a down-path tensor concatenated along channels with the "
+            "up path): DeepCache needs a U-Net"
+        )
+    if not 0 <= branch < len(skips):
+        raise ValueError(
+            f"branch {branch} is out of range: this U-Net has {len(skips)} skip connections, "
+            f"valid branches are 0..{len(skips) - 1}"
+        )
+    hidden = skips[branch].hidden
+    return SplitGraphs(_full_graph(gm, hidden), _shallow_graph(gm, hidden), branch, len(skips))
+
+
+def _full_graph(gm: fx.GraphModule, hidden: fx.Node) -> fx.GraphModule:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, env)
+    graph.output((*out, env[hidden]))
+    return _finish(gm, graph)
+
+
+def _shallow_graph(gm: fx.GraphModule, hidden: fx.Node) -> fx.GraphModule:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, env)
+    graph.output(out)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(placeholders[-1]):
+        cache = graph.placeholder(CACHE_INPUT)
+    cache.meta = {k: v for k, v in env[hidden].meta.items() if k in ("val", "tensor_meta")}
+    env[hidden].replace_all_uses_with(cache)
+    return _finish(gm, graph)
+
+
+def _finish(gm: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
+    out = fx.GraphModule(gm, graph)
+    # Dropout is random only in training; a dropped-out deep path is unused either way.
+    out.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
+    out.graph.lint()
+    out.delete_all_unused_submodules()
+    out.recompile()
+    return out
+
+
+def _channel_concat_pair(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    if node.op != "call_function" or node.target is not torch.ops.aten.cat.default:
+        return None
+    tensors = node.args[0]
+    if len(tensors) != 2 or not all(isinstance(t, fx.Node) for t in tensors):
+        return None
+    val = tensors[0].meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() < 3:
+        return None
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if dim % val.dim() != 1:
+        return None
+    return tensors[0], tensors[1]
+
+
+def _is_ancestor(ancestor: fx.Node, node: fx.Node, order: dict[fx.Node, int]) -> bool:
+    # Walk back from `node`, never past `ancestor`'s position in topological order.
+    floor = order[ancestor]
+    stack, seen = [node], {node}
+    while stack:
+        n = stack.pop()
+        if n is ancestor:
+            return True
+        for i in n.all_input_nodes:
+            if i not in seen and order[i] >= floor:
+                seen.add(i)
+                stack.append(i)
+    return False

@@ -1,0 +1,84 @@
+"""Which denoising steps are full: uniform, the paper's non-uniform schedule, or explicit.
+
+A step is one call of the U-Net within a generation, counted from 0. Everything here is
+integer arithmetic on the host, computed once per step count.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from .config import DeepCacheConfig
+
+
+def nonuniform_full_steps(num_steps: int, interval: int, center: int = 15, power: float = 1.4) -> tuple[int, ...]:
+    """Full steps of the paper's non-uniform schedule (eq. 7), as the reference computes it.
+
+    ceil(num_steps / interval) steps, denser around `center`. The reference samples
+    x = linspace((-c)^(1/p), (T-c)^(1/p), k+1) in complex arithmetic, keeps the distinct
+    truncated real parts of x^p and shifts them by c; when that does not give exactly k
+    steps it lowers p by 0.02 and tries again.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    k = math.ceil(num_steps / interval)
+    if k >= num_steps:
+        return tuple(range(num_steps))
+    p = float(power)
+    while p > 1:
+        lo = np.power(complex(-center), 1 / p)
+        hi = np.power(complex(num_steps - center), 1 / p)
+        x = np.linspace(lo, hi, k + 1)
+        v = np.unique(np.real(np.power(x, p)).astype(np.int32))
+        steps = [0] + [int(u) + center for u in v[1:-1]]
+        if len(steps) == k and len(set(steps)) == k and all(0 <= s < num_steps for s in steps):
+            return tuple(steps)
+        p -= 0.02
+    raise ValueError(
+        f"no non-uniform schedule with {k} full steps for num_steps={num_steps}, "
+        f"center={center}, power={power}: choose a center inside 0..{num_steps - 1} or use "
+        f"schedule='uniform'"
+    )
+
+
+class StepSchedule:
+    """Answers "is step i full?" for a config; non-uniform needs the generation's step count."""
+
+    def __init__(self, config: DeepCacheConfig):
+        self._config = config
+
+    @property
+    def needs_num_steps(self) -> bool:
+        return self._config.schedule == "nonuniform"
+
+    def full_steps(self, num_steps: int) -> tuple[int, ...]:
+        """The full step indices of a generation of `num_steps` U-Net calls."""
+        return tuple(i for i in range(num_steps) if self.is_full(i, num_steps))
+
+    def is_full(self, step: int, num_steps: int | None = None) -> bool:
+        c = self._config
+        if c.interval == 1 or step == 0:
+            return True
+        if c.schedule == "uniform":
+            return step % c.interval == 0
+        if c.schedule == "nonuniform":
+            if num_steps is None:
+                raise RuntimeError(
+                    "schedule='nonuniform' needs the number of steps of the generation: use "
+                    "dcfx.enable(pipe, ...) or call unet.begin(num_steps) before each generation"
+                )
+            return step in _nonuniform_set(num_steps, c.interval, c.center, c.power)
+        return step in _explicit_set(c.schedule)
+
+
+@functools.lru_cache(maxsize=64)
+def _nonuniform_set(num_steps: int, interval: int, center: int, power: float) -> frozenset[int]:
+    return frozenset(nonuniform_full_steps(num_steps, interval, center, power))
+
+
+@functools.lru_cache(maxsize=64)
+def _explicit_set(steps: tuple[int, ...]) -> frozenset[int]:
+    return frozenset(steps)

@@ -1,0 +1,10 @@
+# Without a GPU, run the Triton kernels on CPU tensors through Triton's interpreter. Triton
+# reads TRITON_INTERPRET when it is first imported, so this must happen before any test module
+# imports it. With a GPU the compiled kernels run instead (set TRITON_INTERPRET=1 yourself to
+# run the interpreter tests there; the CUDA tests then skip).
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"

@@ -1,0 +1,263 @@
+"""Tests for the fused cat + GroupNorm + SiLU kernel and its `dcfx::cat_group_norm_silu` op.
+
+Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1 and the Triton kernels run on CPU
+tensors through the interpreter; with a GPU the CUDA tests run the compiled kernels.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from dcfx.kernels.cut_norm import (
+    _triton_disabled,
+    cat_group_norm_silu,
+    cat_group_norm_silu_reference,
+    cat_group_norm_silu_triton,
+)
+
+from dcfx.kernels import cut_norm as kernel_module
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="CPU kernel tests need TRITON_INTERPRET=1")
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or INTERPRET,
+    reason="needs a CUDA GPU and the compiled (not interpreted) Triton kernels",
+)
+
+EPS = 1e-5
+
+# (N, C1, C2, H, W, num_groups, cached channels_last, skip channels_last)
+SHAPES = [
+    (1, 2, 2, 2, 2, 2, False, False),  # minimal
+    (2, 5, 7, 4, 4, 3, False, False),  # group straddles the two inputs (C1=5, groups of 4)
+    (2, 6, 9, 5, 3, 5, False, False),  # non-power-of-2 channels and spatial size (groups of 3, HW=15)
+    (2, 12, 4, 6, 6, 4, True, True),  # channels_last
+    (2, 10, 14, 4, 4, 4, True, False),  # mixed layouts: channels_last cached, NCHW skip
+    (2, 10, 14, 4, 4, 4, False, True),  # mixed layouts: NCHW cached, channels_last skip
+    (2, 40, 40, 16, 16, 4, False, False),  # tiny SD-like cut shape: groups of 20 channels as in SD1.5
+]
+
+# (dtype, rtol, atol). Both sides compute in fp32 and differ only in summation order (~1e-6
+# relative for these group sizes), so fp32 agrees to 1e-5. In fp16/bf16 the kernel rounds its
+# fp32 result once, like the fp32 reference cast to the dtype: values near a rounding boundary
+# may land 1 ulp apart, i.e. 2^-10 (fp16) or 2^-7 (bf16) relative; rtol allows 2 ulp, atol
+# covers values near zero.
+DTYPES = [
+    (torch.float32, 1e-5, 1e-5),
+    (torch.float16, 2e-3, 1e-3),
+    (torch.bfloat16, 2e-2, 1e-2),
+]
+
+
+def _make_inputs(n, c1, c2, h, w, dtype, device="cpu", cached_cl=False, skip_cl=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    # Offsets keep the group means away from 0, which the variance computation must survive.
+    cached = torch.randn(n, c1, h, w, generator=gen) * 2.0 + 3.0
+    skip = torch.randn(n, c2, h, w, generator=gen) - 1.0
+    weight = torch.randn(c1 + c2, generator=gen)
+    bias = torch.randn(c1 + c2, generator=gen)
+    cached, skip, weight, bias = (t.to(device=device, dtype=dtype) for t in (cached, skip, weight, bias))
+    if cached_cl:
+        cached = cached.to(memory_format=torch.channels_last)
+    if skip_cl:
+        skip = skip.to(memory_format=torch.channels_last)
+    return cached, skip, weight, bias
+
+
+def _expected(cached, skip, weight, bias, num_groups, eps=EPS):
+    """The reference in fp32 on the upcast inputs, cast back: one rounding, like the kernel."""
+    out = cat_group_norm_silu_reference(cached.float(), skip.float(), weight.float(), bias.float(), num_groups, eps)
+    return out.to(cached.dtype)
+
+
+def _assert_matches(out, expected, rtol, atol):
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    assert out.stride() == expected.stride()
+    assert_close(out, expected, rtol=rtol, atol=atol)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPES)
+@pytest.mark.parametrize("n, c1, c2, h, w, groups, cached_cl, skip_cl", SHAPES)
+def test_triton_matches_reference_cpu(n, c1, c2, h, w, groups, cached_cl, skip_cl, dtype, rtol, atol):
+    cached, skip, weight, bias = _make_inputs(n, c1, c2, h, w, dtype, cached_cl=cached_cl, skip_cl=skip_cl)
+    out = cat_group_norm_silu_triton(cached, skip, weight, bias, groups, EPS)
+    _assert_matches(out, _expected(cached, skip, weight, bias, groups), rtol, atol)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("target_programs", [1, 256])  # 1: one program loops over all hw; 256: hw split
+@pytest.mark.parametrize("cached_cl, skip_cl", [(False, False), (True, False)])
+def test_triton_pieces_merge_cpu(monkeypatch, target_programs, cached_cl, skip_cl):
+    # Tiny tiles force several channel chunks and hw pieces per group, with a chunk straddling
+    # the two inputs (C1=10, groups of 12), so the partial-statistics merge is exercised.
+    monkeypatch.setattr(kernel_module, "_TILE_ELEMENTS", 64)
+    monkeypatch.setattr(kernel_module, "_target_programs", lambda device: target_programs)
+    cached, skip, weight, bias = _make_inputs(2, 10, 14, 8, 8, torch.float32, cached_cl=cached_cl, skip_cl=skip_cl)
+    out = cat_group_norm_silu_triton(cached, skip, weight, bias, 2, EPS)
+    _assert_matches(out, _expected(cached, skip, weight, bias, 2), 1e-5, 1e-5)
+
+
+@needs_interpreter
+def test_triton_large_mean_cpu():
+    # Mean 1000, std ~1.5: E[x^2] - E[x]^2 in fp32 gets the variance ~10% wrong here.
+    cached, skip, weight, bias = _make_inputs(2, 8, 8, 16, 16, torch.float32)
+    cached, skip = cached + 1000.0, skip + 1000.0
+    out = cat_group_norm_silu_triton(cached, skip, weight, bias, 4, EPS)
+    expected = cat_group_norm_silu_reference(cached.double(), skip.double(), weight.double(), bias.double(), 4, EPS)
+    # The fp32 mean is off by up to ulp(1000) / 2 = 3e-5, scaled by |weight| * rstd (up to ~3):
+    # any fp32 method (torch's included) errs by ~1e-4 here.
+    assert_close(out.double(), expected, rtol=1e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("cached_cl", [False, True])
+def test_op_cpu_is_reference(cached_cl):
+    cached, skip, weight, bias = _make_inputs(2, 5, 7, 4, 4, torch.float32, cached_cl=cached_cl)
+    out = cat_group_norm_silu(cached, skip, weight, bias, 3, EPS)
+    expected = cat_group_norm_silu_reference(cached, skip, weight, bias, 3, EPS)
+    assert out.stride() == expected.stride()
+    assert torch.equal(out, expected)
+    assert torch.equal(torch.ops.dcfx.cat_group_norm_silu(cached, skip, weight, bias, 3, EPS), expected)
+
+
+def test_opcheck_cpu():
+    args = _make_inputs(2, 5, 7, 4, 4, torch.float32, cached_cl=True) + (3, EPS)
+    torch.library.opcheck(torch.ops.dcfx.cat_group_norm_silu.default, args)
+
+
+@pytest.mark.compile
+def test_op_compiles_fullgraph_cpu():
+    from torch._inductor.utils import run_and_get_code
+
+    def cut(cached, skip, weight, bias):
+        return cat_group_norm_silu(cached, skip, weight, bias, 3, EPS)
+
+    args = _make_inputs(2, 5, 7, 4, 4, torch.float32)
+    torch._dynamo.reset()
+    out, code = run_and_get_code(torch.compile(cut, fullgraph=True), *args)
+    assert torch.equal(out, cut(*args))
+    # The op stays one opaque call: CPU graphs never trace into the Triton path.
+    assert "torch.ops.dcfx.cat_group_norm_silu" in "\n".join(code)
+
+
+def _bad_inputs():
+    good = _make_inputs(2, 4, 4, 3, 3, torch.float32)
+    cached, skip, weight, bias = good
+    return [
+        ((cached[0], skip, weight, bias, 2), "4-D"),  # not 4-D
+        ((cached, skip[:1], weight, bias, 2), "agree in N, H, W"),  # mismatched N
+        ((cached, skip[:, :, :2], weight, bias, 2), "agree in N, H, W"),  # mismatched H
+        ((cached, skip[..., :2], weight, bias, 2), "agree in N, H, W"),  # mismatched W
+        ((cached, skip.half(), weight, bias, 2), "share one dtype"),  # inputs' dtypes differ
+        ((cached, skip, weight.half(), bias, 2), "share one dtype"),  # weight dtype differs
+        ((cached, skip, weight[:-1], bias, 2), r"shape \(8,\)"),  # wrong weight size
+        ((cached, skip, weight, bias[:-1], 2), r"shape \(8,\)"),  # wrong bias size
+        ((cached, skip, weight, bias, 3), r"divide C1 \+ C2 = 8"),  # num_groups does not divide C
+        ((cached, skip, weight, bias, 0), "must be positive"),  # no groups
+    ]
+
+
+@pytest.mark.parametrize("fn", [cat_group_norm_silu, cat_group_norm_silu_triton], ids=["op", "triton"])
+@pytest.mark.parametrize("case", range(len(_bad_inputs())))
+def test_bad_inputs_raise(fn, case):
+    args, message = _bad_inputs()[case]
+    with pytest.raises(ValueError, match=message):
+        fn(*args, EPS)
+
+
+def test_triton_rejects_unsupported(monkeypatch):
+    cached, skip, weight, bias = _make_inputs(1, 2, 2, 3, 4, torch.float64)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        cat_group_norm_silu_triton(cached, skip, weight, bias, 2, EPS)
+    cached, skip, weight, bias = _make_inputs(1, 2, 2, 3, 4, torch.float32)
+    transposed = skip.transpose(2, 3).contiguous().transpose(2, 3)  # H and W do not merge
+    with pytest.raises(ValueError, match="mergeable"):
+        cat_group_norm_silu_triton(cached, transposed, weight, bias, 2, EPS)
+    monkeypatch.setattr(kernel_module, "_interpreting", lambda: False)
+    with pytest.raises(ValueError, match="must be on CUDA"):
+        cat_group_norm_silu_triton(cached, skip, weight, bias, 2, EPS)
+
+
+def test_kill_switch_env(monkeypatch):
+    monkeypatch.delenv("DCFX_DISABLE_TRITON", raising=False)
+    assert not _triton_disabled()
+    monkeypatch.setenv("DCFX_DISABLE_TRITON", "1")
+    assert _triton_disabled()
+
+
+def test_import_and_op_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from dcfx.kernels import cat_group_norm_silu, cat_group_norm_silu_reference\n"
+        "x, w = torch.randn(1, 2, 3, 3), torch.randn(4)\n"
+        "assert torch.equal(cat_group_norm_silu(x, x, w, w, 2), cat_group_norm_silu_reference(x, x, w, w, 2))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+# ---- CUDA: the compiled kernels ----
+
+
+@pytest.fixture
+def triton_enabled(monkeypatch):
+    monkeypatch.delenv("DCFX_DISABLE_TRITON", raising=False)
+
+
+CUDA_SHAPES = [
+    (2, 5, 7, 4, 4, 3, False, False),  # group straddles the two inputs
+    (2, 40, 40, 16, 16, 4, True, False),  # tiny SD-like cut shape, mixed layouts
+    (2, 320, 320, 64, 64, 32, False, False),  # SD1.5 branch-0 cut shape: up_blocks[3] hidden + conv_in skip
+    (2, 640, 320, 64, 64, 32, False, False),  # SD1.5 up_blocks.3 resnets[0]: groups straddle (30 channels)
+    (2, 320, 320, 64, 64, 32, True, True),  # SD1.5 cut shape, channels_last
+]
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPES)
+@pytest.mark.parametrize("n, c1, c2, h, w, groups, cached_cl, skip_cl", CUDA_SHAPES)
+@pytest.mark.usefixtures("triton_enabled")
+def test_triton_matches_reference_cuda(n, c1, c2, h, w, groups, cached_cl, skip_cl, dtype, rtol, atol):
+    cached, skip, weight, bias = _make_inputs(n, c1, c2, h, w, dtype, "cuda", cached_cl, skip_cl)
+    expected = _expected(cached, skip, weight, bias, groups)
+    _assert_matches(cat_group_norm_silu_triton(cached, skip, weight, bias, groups, EPS), expected, rtol, atol)
+    _assert_matches(cat_group_norm_silu(cached, skip, weight, bias, groups, EPS), expected, rtol, atol)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.usefixtures("triton_enabled")
+def test_cuda_graph_capture_replay():
+    cached, skip, weight, bias = _make_inputs(2, 40, 40, 16, 16, torch.float16, "cuda")
+    # Warm up (compile the kernels) on a side stream, as capture requires.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        cat_group_norm_silu(cached, skip, weight, bias, 4, EPS)
+    torch.cuda.current_stream().wait_stream(side)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cat_group_norm_silu(cached, skip, weight, bias, 4, EPS)
+    new_cached, new_skip, _, _ = _make_inputs(2, 40, 40, 16, 16, torch.float16, "cuda", seed=1)
+    cached.copy_(new_cached)
+    skip.copy_(new_skip)
+    graph.replay()
+    torch.cuda.synchronize()
+    _assert_matches(out, _expected(new_cached, new_skip, weight, bias, 4), 2e-3, 1e-3)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_kill_switch_cuda(monkeypatch):
+    cached, skip, weight, bias = _make_inputs(2, 40, 40, 16, 16, torch.float16, "cuda")
+    monkeypatch.setenv("DCFX_DISABLE_TRITON", "1")
+    out = cat_group_norm_silu(cached, skip, weight, bias, 4, EPS)
+    assert torch.equal(out, cat_group_norm_silu_reference(cached, skip, weight, bias, 4, EPS))
+
