@@ -1,1 +1,26 @@
-"""dcfx: DeepCache as a compiled graph pass."""
+"""dcfx: DeepCache for diffusion U-Nets as a compiled FX graph pass.
+
+    pipe.unet = dcfx.optimize(pipe.unet, interval=3, branch=0)
+
+captures the U-Net as an FX graph (capture), splits it into a full and a shallow graph at a
+skip connection (passes.split), fuses the cut point into a Triton op (passes.fuse, kernels),
+optionally compiles both graphs (compile) and runs one of them per step (runtime).
+"""
+
+from .api import disable, enable, optimize
+from .config import DeepCacheConfig
+from .report import Report, report
+from .runtime import DeepCacheUNet
+from .schedule import nonuniform_full_steps
+
+__all__ = [
+    "DeepCacheConfig",
+    "DeepCacheUNet",
+    "Report",
+    "disable",
+    "enable",
+    "nonuniform_full_steps",
+    "optimize",
+    "report",
+]
+__version__ = "0.1.0"

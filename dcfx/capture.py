@@ -93,7 +93,7 @@ def _timestep_tensor(t: Any, like: torch.Tensor | None) -> torch.Tensor:
 
 def _leaf_key(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
-        return ("T", tuple(x.shape), x.dtype, x.device, x.requires_grad)
+        return ("T", tuple(x.shape), x.dtype, x.device)
     try:
         hash(x)
     except TypeError:
@@ -116,7 +116,9 @@ class _Adapter(nn.Module):
         leaves = [next(it) if c is None else c for c in self._constants]
         named = pytree.tree_unflatten(leaves, self._spec)
         if self._has_return_dict:
-            named["return_dict"] = False
+            # The output object (e.g. UNet2DConditionOutput) is a pytree node, so its class
+            # lands in the out spec; the runtime turns it into a tuple for return_dict=False.
+            named["return_dict"] = True
         return self.unet(**named)
 
 

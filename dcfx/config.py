@@ -29,7 +29,7 @@ class DeepCacheConfig:
         compile: compile the full and the shallow graph with torch.compile (inductor,
             fullgraph, static shapes), once per input signature.
         compile_mode: torch.compile mode, e.g. "max-autotune-no-cudagraphs", or
-            "reduce-overhead" for inductor's CUDA graphs (then `cuda_graphs` must be False).
+            "reduce-overhead" for inductor's CUDA graphs. Exclusive with compile_options.
         compile_options: inductor options passed through to torch.compile (`options=`).
             `{"freezing": True}` folds the weights into the compiled graphs: they are
             copied/prepacked, so memory grows and later in-place weight changes (LoRA
@@ -81,6 +81,11 @@ class DeepCacheConfig:
             raise ValueError(f"compile_mode must be None or one of {_COMPILE_MODES}, got {self.compile_mode!r}")
         if not isinstance(self.compile_options, Mapping):
             raise ValueError(f"compile_options must be a mapping of inductor options, got {self.compile_options!r}")
+        if self.compile_mode is not None and self.compile_options:
+            raise ValueError(
+                "torch.compile takes either compile_mode or compile_options, not both: put the "
+                "mode's settings into compile_options or drop them"
+            )
         object.__setattr__(self, "compile_options", dict(self.compile_options))
 
 

@@ -92,7 +92,7 @@ def _full_graph(gm: fx.GraphModule, hidden: fx.Node) -> fx.GraphModule:
     env: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(gm.graph, env)
     graph.output((*out, env[hidden]))
-    return _finish(gm, graph)
+    return finish_graph(gm, graph)
 
 
 def _shallow_graph(gm: fx.GraphModule, hidden: fx.Node) -> fx.GraphModule:
@@ -105,10 +105,11 @@ def _shallow_graph(gm: fx.GraphModule, hidden: fx.Node) -> fx.GraphModule:
         cache = graph.placeholder(CACHE_INPUT)
     cache.meta = {k: v for k, v in env[hidden].meta.items() if k in ("val", "tensor_meta")}
     env[hidden].replace_all_uses_with(cache)
-    return _finish(gm, graph)
+    return finish_graph(gm, graph)
 
 
-def _finish(gm: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
+def finish_graph(gm: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
+    """`graph` as a GraphModule over `gm`'s modules and weights, without dead code."""
     out = fx.GraphModule(gm, graph)
     # Dropout is random only in training; a dropped-out deep path is unused either way.
     out.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))

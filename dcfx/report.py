@@ -1,0 +1,135 @@
+"""`dcfx.report`: what each branch costs, to choose one before running anything big.
+
+FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` while the full and the shallow
+graph run on the example inputs. With a U-Net built on the meta device and meta inputs
+nothing is computed and no weights are needed, so SD1.5- and SDXL-sized models report in
+seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import fx, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .capture import CallBinder, capture
+from .config import DeepCacheConfig
+from .passes.fuse import fuse_cut, fusion_disabled
+from .passes.split import find_skips, split
+from .runtime import DeepCacheUNet
+from .schedule import StepSchedule
+
+
+@dataclass(frozen=True)
+class BranchReport:
+    """One branch: FLOPs and node counts of both graphs, and the schedule's speedup bound."""
+
+    branch: int
+    full_flops: int
+    shallow_flops: int
+    full_nodes: int
+    shallow_nodes: int
+    num_steps: int
+    num_full_steps: int
+
+    @property
+    def shallow_fraction(self) -> float:
+        """Shallow-graph FLOPs as a fraction of the full graph's."""
+        return self.shallow_flops / self.full_flops if self.full_flops else float("nan")
+
+    @property
+    def speedup_bound(self) -> float:
+        """FLOP ratio plain / DeepCache over one generation: the compute-bound speedup."""
+        cached = self.num_full_steps * self.full_flops + (self.num_steps - self.num_full_steps) * self.shallow_flops
+        return self.num_steps * self.full_flops / cached if cached else float("nan")
+
+
+@dataclass(frozen=True)
+class Report:
+    """Result of `dcfx.report`; `str(report)` is a table, one row per branch."""
+
+    model: str
+    num_skips: int
+    config: DeepCacheConfig
+    num_steps: int
+    branches: tuple[BranchReport, ...]
+
+    def __str__(self) -> str:
+        c = self.config
+        schedule = c.schedule if isinstance(c.schedule, str) else "explicit"
+        full = self.branches[0].num_full_steps if self.branches else 0
+        head = (
+            f"dcfx report: {self.model}, {self.num_skips} skip connections (branches 0..{self.num_skips - 1}); "
+            f"schedule {schedule}, interval {c.interval}, {self.num_steps} steps ({full} full)"
+        )
+        cols = ("branch", "full GFLOPs", "shallow GFLOPs", "shallow/full", "speedup bound", "nodes full", "nodes shallow")
+        rows = [
+            (
+                str(r.branch),
+                f"{r.full_flops / 1e9:.3f}",
+                f"{r.shallow_flops / 1e9:.3f}",
+                f"{100 * r.shallow_fraction:.1f}%",
+                f"{r.speedup_bound:.2f}x",
+                str(r.full_nodes),
+                str(r.shallow_nodes),
+            )
+            for r in self.branches
+        ]
+        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(cols)]
+        line = lambda cells: "  ".join(cell.rjust(w) for cell, w in zip(cells, widths))  # noqa: E731
+        return "\n".join([head, line(cols), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def report(
+    unet: nn.Module,
+    *args: Any,
+    config: DeepCacheConfig | None = None,
+    num_steps: int = 50,
+    branches: Sequence[int] | None = None,
+    **kwargs: Any,
+) -> Report:
+    """FLOPs, node counts and speedup bound of every branch (or `branches`) of `unet`.
+
+    `args`/`kwargs` are one example call of the U-Net (meta tensors with a meta-device
+    U-Net count without computing). `config` (default: a `DeepCacheUNet`'s own, else
+    `DeepCacheConfig()`) gives the schedule for the bound over `num_steps` steps and whether
+    the cut is fused (as the runtime would run it).
+    """
+    if isinstance(unet, DeepCacheUNet):
+        config = config or unet.deepcache_config
+        unet = unet.unet
+    config = config or DeepCacheConfig()
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    call = CallBinder(unet).bind(args, kwargs)
+    gm = capture(unet, call).graph_module
+    num_skips = len(find_skips(gm.graph))
+    if num_skips == 0:
+        split(gm, 0)  # raises the "no skip connections" error
+    chosen = tuple(range(num_skips)) if branches is None else tuple(branches)
+    num_full = len(StepSchedule(config).full_steps(num_steps))
+    fuse = config.fuse_cut and not fusion_disabled()
+    rows = []
+    with torch.no_grad():
+        for b in chosen:
+            graphs = split(gm, b)  # validates b
+            shallow = fuse_cut(graphs.shallow) if fuse else graphs.shallow
+            full_flops, outputs = _count(graphs.full, call.tensors)
+            shallow_flops, _ = _count(shallow, (*call.tensors, outputs[-1]))
+            rows.append(
+                BranchReport(b, full_flops, shallow_flops, _ops(graphs.full), _ops(shallow), num_steps, num_full)
+            )
+    return Report(type(unet).__name__, num_skips, config, num_steps, tuple(rows))
+
+
+def _count(gm: fx.GraphModule, inputs: tuple) -> tuple[int, tuple]:
+    with FlopCounterMode(display=False) as counter:
+        outputs = gm(*inputs)
+    return counter.get_total_flops(), outputs
+
+
+def _ops(gm: fx.GraphModule) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function")

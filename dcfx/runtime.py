@@ -1,0 +1,275 @@
+"""Run: `DeepCacheUNet`, the drop-in U-Net that picks the full or the shallow graph per step.
+
+Per call: normalise the arguments (`capture.CallBinder`), decide where the call falls in the
+current generation, look up (or build, once per input signature) the captured, split, fused
+and compiled graphs, and run one of them. Full steps copy the deep feature into a buffer the
+runtime owns (one per signature), so the shallow graph always reads the same storage: that is
+what makes a captured CUDA graph pair replayable.
+
+Generation boundaries, i.e. where step 0 is:
+- explicit (`begin(num_steps)`, or `dcfx.enable(pipe)`, which calls it from the scheduler):
+  calls are counted, nothing is read from the device;
+- automatic (no `begin`): the timestep's value is read on the host (a device-to-host sync
+  per call when it is a CUDA tensor). A call starts a new generation when its timestep is
+  larger than the previous call's, or equal to it where that cannot be a scheduler's
+  repeated timestep (PNDM's, Heun's and KDPM2's repeats come at step 2 or later and never
+  twice in a row).
+A shallow step runs the full graph instead when no cache of the same signature from the same
+generation exists, so a cache is never used across generations or input signatures.
+"""
+
+from __future__ import annotations
+
+import collections
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from .capture import Call, CallBinder, Capture, capture
+from .compile import LazyGraph
+from .config import DeepCacheConfig
+from .passes.fuse import fuse_cut, fusion_disabled
+from .passes.split import split
+from .schedule import StepSchedule
+
+# Captures depend only on the U-Net and the call signature, not on the config, so wrappers
+# of the same U-Net (e.g. one per branch while choosing one) share them.
+_CAPTURES: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+
+_HISTORY_LENGTH = 16
+
+
+@dataclass
+class _Entry:
+    """Everything for one input signature: graphs and the cache buffer."""
+
+    capture: Capture
+    full: LazyGraph
+    shallow: LazyGraph
+    cache: torch.Tensor | None = None
+    cache_generation: int = -1
+
+
+@dataclass
+class _Generation:
+    index: int = 0
+    step: int = 0  # calls made so far in this generation
+    num_steps: int | None = None  # known in explicit mode
+    remaining: int | None = None  # explicit mode: calls left before auto mode resumes
+    explicit: bool = False
+    last_t: float | None = None
+    last_was_repeat: bool = False
+    log: list[str] = field(default_factory=list)
+
+
+class DeepCacheUNet(nn.Module):
+    """A U-Net that runs DeepCache; build it with `dcfx.optimize`.
+
+    Call it exactly like the wrapped U-Net (same arguments, same return type). Attributes it
+    does not define (`config`, `dtype`, `device`, `add_embedding`, ...) are the wrapped
+    U-Net's. The wrapped U-Net is `self.unet`; it is not modified and stays usable.
+    """
+
+    def __init__(self, unet: nn.Module, config: DeepCacheConfig):
+        super().__init__()
+        self.unet = unet
+        self._dc_config = config
+        self._schedule = StepSchedule(config)
+        self._binder = CallBinder(unet)
+        self._entries: dict[tuple, _Entry] = {}
+        self._fingerprint: tuple | None = None
+        self._gen = _Generation(index=0)
+        self._history: collections.deque[str] = collections.deque(maxlen=_HISTORY_LENGTH)
+        self._check_fingerprint()
+
+    # -- public -------------------------------------------------------------------------
+
+    @property
+    def deepcache_config(self) -> DeepCacheConfig:
+        """The `DeepCacheConfig` this module runs with (`.config` is the U-Net's)."""
+        return self._dc_config
+
+    def begin(self, num_steps: int | None = None) -> None:
+        """Start a new generation now: the next call is step 0 and is full.
+
+        With `num_steps`, that many calls form the generation (the non-uniform schedule needs
+        it); the call after them starts a new generation again. Without, the generation lasts
+        until the next `begin`. Either way no timestep is read on the host: this is the
+        sync-free path, and the one to use while capturing CUDA graphs.
+        """
+        if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
+            raise ValueError(f"num_steps must be None or an integer >= 1, got {num_steps!r}")
+        if num_steps is None and self._schedule.needs_num_steps:
+            raise ValueError("schedule='nonuniform' needs begin(num_steps), the generation's number of U-Net calls")
+        self._start_generation(explicit=True, num_steps=num_steps)
+
+    def is_full_step(self, step: int, num_steps: int | None = None) -> bool:
+        """Whether step `step` of a generation runs the full graph under this schedule."""
+        return self._schedule.is_full(step, num_steps)
+
+    def full_steps(self, num_steps: int) -> tuple[int, ...]:
+        """The full steps of a generation of `num_steps` calls (e.g. to replay CUDA graphs)."""
+        return self._schedule.full_steps(num_steps)
+
+    @property
+    def history(self) -> tuple[str, ...]:
+        """The last generations' steps as strings, 'F' full and 'S' shallow, oldest first."""
+        current = "".join(self._gen.log)
+        return tuple(self._history) + ((current,) if current else ())
+
+    @property
+    def compile_seconds(self) -> dict[str, float]:
+        """Seconds spent in the first (compiling) call of each compiled graph, by name."""
+        out = {}
+        for i, entry in enumerate(self._entries.values()):
+            for graph in (entry.full, entry.shallow):
+                if graph.compile_seconds is not None:
+                    out[f"{graph.name}[{i}]"] = graph.compile_seconds
+        return out
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        call = self._binder.bind(args, kwargs)
+        self._advance(call)
+        entry = self._entry(call)
+        gen = self._gen
+        full = self._schedule.is_full(gen.step, gen.num_steps) or entry.cache_generation != gen.index
+        if full:
+            *outputs, feature = entry.full(*call.tensors)
+            if entry.cache is None:
+                entry.cache = torch.empty_like(feature)
+            # Same storage every time, so a captured shallow step reads this buffer.
+            entry.cache.copy_(feature)
+            entry.cache_generation = gen.index
+        else:
+            outputs = entry.shallow(*call.tensors, entry.cache)
+        gen.step += 1
+        gen.log.append("F" if full else "S")
+        result = pytree.tree_unflatten(list(outputs), entry.capture.out_spec)
+        if not call.return_dict and hasattr(result, "to_tuple"):
+            result = result.to_tuple()
+        return result
+
+    def extra_repr(self) -> str:
+        c = self._dc_config
+        return f"interval={c.interval}, branch={c.branch}, schedule={c.schedule!r}, compile={c.compile}"
+
+    # -- generations --------------------------------------------------------------------
+
+    def _start_generation(self, explicit: bool, num_steps: int | None = None) -> None:
+        if self._gen.log:
+            self._history.append("".join(self._gen.log))
+        self._gen = _Generation(
+            index=self._gen.index + 1, num_steps=num_steps, remaining=num_steps, explicit=explicit
+        )
+        self._check_fingerprint()
+
+    def _advance(self, call: Call) -> None:
+        gen = self._gen
+        if gen.explicit:
+            if gen.remaining is None:
+                return
+            if gen.remaining > 0:
+                gen.remaining -= 1
+                return
+            # The planned generation is over: back to reading timesteps.
+            self._start_generation(explicit=False)
+            gen = self._gen
+        t = self._host_timestep(call)
+        if gen.step == 0:
+            new = False  # already at step 0 (first call, or a planned generation just ended)
+        elif t > gen.last_t:
+            new = True
+        elif t == gen.last_t:
+            new = gen.step < 2 or gen.last_was_repeat
+        else:
+            new = False
+        if new:
+            self._start_generation(explicit=False)
+            gen = self._gen
+        gen.last_was_repeat = gen.step > 0 and t == gen.last_t
+        gen.last_t = t
+        self._require_num_steps_known()
+
+    def _require_num_steps_known(self) -> None:
+        if self._schedule.needs_num_steps and self._gen.num_steps is None:
+            raise RuntimeError(
+                "schedule='nonuniform' needs the number of steps of each generation: use "
+                "dcfx.enable(pipe, ...) with a pipeline, or call unet.begin(num_steps) before "
+                "each generation; or choose schedule='uniform' or an explicit list"
+            )
+
+    @staticmethod
+    def _host_timestep(call: Call) -> float:
+        t = call.timestep
+        if isinstance(t, torch.Tensor):
+            if t.numel() == 0:
+                raise ValueError("timestep is an empty tensor")
+            # The device-to-host sync of the automatic path; begin()/enable() avoid it.
+            return float(t.reshape(-1)[0].item())
+        if t is None:
+            raise ValueError("DeepCacheUNet needs the timestep argument to find generation boundaries")
+        return float(t)
+
+    # -- graphs -------------------------------------------------------------------------
+
+    def _entry(self, call: Call) -> _Entry:
+        entry = self._entries.get(call.key)
+        if entry is None:
+            if self._fingerprint is None:
+                self._check_fingerprint()
+            entry = self._entries[call.key] = self._build(call)
+        return entry
+
+    def _build(self, call: Call) -> _Entry:
+        shared = _CAPTURES.setdefault(self.unet, {})
+        key = (self._fingerprint, call.key)
+        cap = shared.get(key)
+        if cap is None:
+            cap = shared[key] = capture(self.unet, call)
+        graphs = split(cap.graph_module, self._dc_config.branch)
+        shallow = graphs.shallow
+        if self._dc_config.fuse_cut and not fusion_disabled():
+            shallow = fuse_cut(shallow)
+        return _Entry(
+            cap,
+            LazyGraph(graphs.full, self._dc_config, "full"),
+            LazyGraph(shallow, self._dc_config, "shallow"),
+        )
+
+    def _check_fingerprint(self) -> None:
+        # Once per generation: a U-Net whose parameters were moved, cast, replaced or added
+        # (e.g. .to(), LoRA layers) since the graphs were captured gets fresh captures.
+        fp = _fingerprint(self.unet)
+        if fp != self._fingerprint:
+            self._entries.clear()
+            stale = _CAPTURES.get(self.unet)
+            if stale:
+                for k in [k for k in stale if k[0] != fp]:
+                    del stale[k]
+            self._fingerprint = fp
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .half(), ... : shapes, dtypes and devices baked into the graphs change.
+        self._entries.clear()
+        self._fingerprint = None
+        return super()._apply(fn, recurse)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if "unet" not in modules or name.startswith("_dc"):
+                raise
+            return getattr(modules["unet"], name)
+
+
+def _fingerprint(module: nn.Module) -> tuple:
+    return (module.training,) + tuple(
+        (name, id(t), t.dtype, t.device, tuple(t.shape), t.data_ptr() if t.device.type != "meta" else 0)
+        for name, t in (*module.named_parameters(), *module.named_buffers())
+    )
