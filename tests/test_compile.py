@@ -1,0 +1,48 @@
+"""torch.compile of the full and the shallow graph (one test: a cold compile costs ~1 min here)."""
+
+import pytest
+import torch
+import torch._dynamo
+from diffusers import DDIMScheduler, UNet2DConditionModel
+
+import dcfx
+from dcfx.passes.fuse import FUSED_OP
+
+
+@pytest.mark.compile
+def test_compiled_graphs_equal_eager_and_never_recompile():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=8,
+        attention_head_dim=8,
+    ).eval()
+    compiled = dcfx.optimize(unet, interval=3, branch=1, compile=True)
+    eager = dcfx.optimize(unet, interval=3, branch=1)
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(50)
+    latents = torch.randn(2, 4, 8, 8)
+    ehs = torch.randn(2, 7, 32)
+    worst = 0.0
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for i, t in enumerate(scheduler.timesteps):
+            a = compiled(latents, t, encoder_hidden_states=ehs).sample
+            b = eager(latents, t, encoder_hidden_states=ehs).sample
+            worst = max(worst, ((a - b).norm() / b.norm()).item())
+            if i == 0:
+                # Lazy: nothing compiles before it is needed.
+                assert list(compiled.compile_seconds) == ["full[0]"]
+            latents = scheduler.step(b, t, latents).prev_sample
+    assert worst < 1e-4
+    assert compiled.history == (("FSS" * 17)[:50],)
+    assert eager.history == compiled.history
+    assert set(compiled.compile_seconds) == {"full[0]", "shallow[0]"}
+    # The fused op is in the graph that was compiled (fullgraph=True: dynamo took it whole).
+    (entry,) = compiled._entries.values()
+    assert any(n.target is FUSED_OP for n in entry.shallow.graph.graph.nodes)
