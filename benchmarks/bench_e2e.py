@@ -75,16 +75,24 @@ def main() -> None:
             bound = dcfx.report(
                 fast, torch.cat([latents] * 2), 999, ehs, num_steps=args.steps, branches=[branch]
             ).branches[0].speedup_bound
-            rows.append((branch, plain_s, fast_s, plain_s / fast_s, bound, first))
+            compiled = fast.compile_seconds
+            rows.append((branch, plain_s, fast_s, plain_s / fast_s, bound, first,
+                         compiled.get("full[0]", 0.0), compiled.get("shallow[0]", 0.0)))
 
     print(
         f"{args.size} U-Net, latents {args.resolution}x{args.resolution}, {args.dtype} on {device.type}"
         f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
         f"{args.steps} DDIM steps, interval {args.interval}, compile={args.compile}"
     )
-    print(f"{'branch':>6}  {'plain s':>8}  {'dcfx s':>8}  {'speedup':>7}  {'FLOP bound':>10}  {'1st gen s':>9}")
-    for branch, plain_s, fast_s, speedup, bound, first in rows:
-        print(f"{branch:>6}  {plain_s:>8.3f}  {fast_s:>8.3f}  {speedup:>6.2f}x  {bound:>9.2f}x  {first:>9.2f}")
+    print(
+        f"{'branch':>6}  {'plain s':>8}  {'dcfx s':>8}  {'speedup':>7}  {'FLOP bound':>10}  {'1st gen s':>9}"
+        f"  {'compile full s':>14}  {'compile shallow s':>17}"
+    )
+    for branch, plain_s, fast_s, speedup, bound, first, c_full, c_shallow in rows:
+        print(
+            f"{branch:>6}  {plain_s:>8.3f}  {fast_s:>8.3f}  {speedup:>6.2f}x  {bound:>9.2f}x  {first:>9.2f}"
+            f"  {c_full:>14.1f}  {c_shallow:>17.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import DeepCacheConfig
 from .runtime import DeepCacheUNet
-
-_PATCHED = ("set_timesteps", "set_begin_index")
-
 
 def optimize(unet: nn.Module, config: DeepCacheConfig | None = None, **options: Any) -> DeepCacheUNet:
     """Wrap `unet` so that it runs DeepCache; a drop-in replacement in pipelines and loops.
@@ -49,45 +48,85 @@ def optimize(unet: nn.Module, config: DeepCacheConfig | None = None, **options: 
 def enable(pipe: Any, config: DeepCacheConfig | None = None, **options: Any) -> DeepCacheUNet:
     """Run `pipe.unet` with DeepCache, with generation boundaries taken from the scheduler.
 
-    Sets `pipe.unet = optimize(pipe.unet, ...)` and hooks this pipeline's scheduler instance:
-    each `set_timesteps` (and `set_begin_index`, img2img's start) calls
-    `unet.begin(number of U-Net calls left)`. No timestep is read back from the device, and
-    the non-uniform schedule knows its step count. Call it after choosing the scheduler;
+    Sets `pipe.unet = optimize(pipe.unet, ...)` and hooks the pipeline's scheduler instance:
+    each `set_timesteps` starts a generation of the scheduler's number of U-Net calls,
+    corrected by `set_begin_index` or, for schedulers without it, by the first `add_noise`
+    (img2img's start; one device read per generation). No timestep is read per step, and the
+    non-uniform schedule knows its step count. If `pipe.scheduler` is replaced later, the new
+    one is hooked and the generation in flight falls back to automatic boundaries.
     `disable(pipe)` undoes it.
     """
     if isinstance(pipe.unet, DeepCacheUNet):
         disable(pipe)
     unet = optimize(pipe.unet, config, **options)
-    scheduler = pipe.scheduler
-    for name in _PATCHED:
-        original = getattr(scheduler, name, None)
-        if original is not None:
-            setattr(scheduler, name, _planning(original, scheduler, unet))
-    scheduler._dcfx_patched = True
     pipe.unet = unet
+    _hook(pipe, pipe.scheduler, unet)
     return unet
 
 
 def disable(pipe: Any) -> nn.Module:
     """Undo `enable` (or `optimize`): restore the plain U-Net and the scheduler's methods."""
-    scheduler = pipe.scheduler
-    if getattr(scheduler, "_dcfx_patched", False):
-        for name in _PATCHED:
-            scheduler.__dict__.pop(name, None)
-        del scheduler._dcfx_patched
+    _unhook(pipe.scheduler)
     if isinstance(pipe.unet, DeepCacheUNet):
         pipe.unet = pipe.unet.unet
     return pipe.unet
 
 
-def _planning(method, scheduler, unet: DeepCacheUNet):
-    @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        result = method(*args, **kwargs)
+def _hook(pipe: Any, scheduler: Any, unet: DeepCacheUNet) -> None:
+    pipe_ref = weakref.ref(pipe)
+
+    def valid() -> bool:
+        current = pipe_ref()
+        if current is None or current.unet is not unet:
+            return False
+        if current.scheduler is not scheduler:
+            _hook(current, current.scheduler, unet)  # plans the next generation
+            return False
+        return True
+
+    def plan(start: int) -> None:
         timesteps = getattr(scheduler, "timesteps", None)
         if timesteps is not None:
-            start = getattr(scheduler, "begin_index", None) or 0
-            unet.begin(max(len(timesteps) - start, 1))
+            unet._plan(max(len(timesteps) - start, 1), valid)
+
+    def after_set_timesteps(*args, **kwargs):
+        result = originals["set_timesteps"](*args, **kwargs)
+        plan(getattr(scheduler, "begin_index", None) or 0)
         return result
 
-    return wrapper
+    def after_set_begin_index(begin_index=0, *args, **kwargs):
+        result = originals["set_begin_index"](begin_index, *args, **kwargs)
+        plan(begin_index)
+        return result
+
+    def after_add_noise(original_samples, noise, timesteps, *args, **kwargs):
+        result = originals["add_noise"](original_samples, noise, timesteps, *args, **kwargs)
+        # img2img's start for schedulers without set_begin_index: find it once per generation.
+        if getattr(scheduler, "begin_index", None) is None and unet._gen.planned and unet._gen.step == 0:
+            schedule = getattr(scheduler, "timesteps", None)
+            if isinstance(schedule, torch.Tensor) and isinstance(timesteps, torch.Tensor) and timesteps.numel():
+                first = timesteps.reshape(-1)[0].to(schedule.device, schedule.dtype)
+                hits = (schedule == first).nonzero()
+                if len(hits):
+                    plan(int(hits[0, 0]))
+        return result
+
+    wrappers = {
+        "set_timesteps": after_set_timesteps,
+        "set_begin_index": after_set_begin_index,
+        "add_noise": after_add_noise,
+    }
+    _unhook(scheduler)
+    originals = {}
+    for name, wrapper in wrappers.items():
+        method = getattr(scheduler, name, None)
+        if method is not None:
+            originals[name] = method
+            setattr(scheduler, name, functools.wraps(method)(wrapper))
+    scheduler._dcfx_hooked = tuple(originals)
+
+
+def _unhook(scheduler: Any) -> None:
+    for name in getattr(scheduler, "_dcfx_hooked", ()):
+        scheduler.__dict__.pop(name, None)
+    scheduler.__dict__.pop("_dcfx_hooked", None)

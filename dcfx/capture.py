@@ -19,6 +19,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 _UNET_PREFIX = "unet."
+# Marks where a tensor leaf goes among a call's constants (None is a real argument value).
+TENSOR_SLOT = object()
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,7 @@ class Call:
     tensors: tuple[torch.Tensor, ...]
     key: tuple
     spec: pytree.TreeSpec
-    constants: tuple  # non-tensor leaves, None where the leaf is a tensor
+    constants: tuple  # non-tensor leaves, TENSOR_SLOT where the leaf is a tensor
     timestep: Any  # the timestep argument as passed (number or tensor)
     return_dict: bool
 
@@ -63,7 +65,7 @@ class CallBinder:
             named[self._timestep_name] = _timestep_tensor(timestep, _first_tensor(named))
         leaves, spec = pytree.tree_flatten(named)
         tensors = tuple(x for x in leaves if isinstance(x, torch.Tensor))
-        constants = tuple(None if isinstance(x, torch.Tensor) else x for x in leaves)
+        constants = tuple(TENSOR_SLOT if isinstance(x, torch.Tensor) else x for x in leaves)
         key = (
             spec,
             tuple(_leaf_key(x) for x in leaves),
@@ -113,7 +115,7 @@ class _Adapter(nn.Module):
 
     def forward(self, *tensors: torch.Tensor):
         it = iter(tensors)
-        leaves = [next(it) if c is None else c for c in self._constants]
+        leaves = [next(it) if c is TENSOR_SLOT else c for c in self._constants]
         named = pytree.tree_unflatten(leaves, self._spec)
         if self._has_return_dict:
             # The output object (e.g. UNet2DConditionOutput) is a pytree node, so its class

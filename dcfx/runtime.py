@@ -7,13 +7,15 @@ runtime owns (one per signature), so the shallow graph always reads the same sto
 what makes a captured CUDA graph pair replayable.
 
 Generation boundaries, i.e. where step 0 is:
-- explicit (`begin(num_steps)`, or `dcfx.enable(pipe)`, which calls it from the scheduler):
-  calls are counted, nothing is read from the device;
-- automatic (no `begin`): the timestep's value is read on the host (a device-to-host sync
-  per call when it is a CUDA tensor). A call starts a new generation when its timestep is
-  larger than the previous call's, or equal to it where that cannot be a scheduler's
-  repeated timestep (PNDM's, Heun's and KDPM2's repeats come at step 2 or later and never
-  twice in a row).
+- planned (`dcfx.enable(pipe)`): the pipeline's scheduler starts a generation at each
+  `set_timesteps`; nothing is read from the device per step;
+- explicit (`begin(num_steps)`): calls are counted, nothing is read from the device;
+- automatic (neither): the timestep's value is read on the host (a device-to-host sync per
+  call when it is a CUDA tensor). A call starts a new generation when its timestep is larger
+  than the previous call's, or equal to it right after a repeat (schedulers repeat a
+  timestep at most once in a row). A repeat of step 0's timestep at step 1 is ambiguous (a
+  PNDM/Heun img2img start, or a new one-step generation): that call runs full, which is right
+  either way, and counts as step 1.
 A shallow step runs the full graph instead when no cache of the same signature from the same
 generation exists, so a cache is never used across generations or input signatures.
 """
@@ -23,7 +25,7 @@ from __future__ import annotations
 import collections
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.utils._pytree as pytree
@@ -61,6 +63,8 @@ class _Generation:
     num_steps: int | None = None  # known in explicit mode
     remaining: int | None = None  # explicit mode: calls left before auto mode resumes
     explicit: bool = False
+    planned: bool = False  # started by a pipeline's scheduler (dcfx.enable)
+    checked: bool = False  # the U-Net's fingerprint was checked in this generation
     last_t: float | None = None
     last_was_repeat: bool = False
     log: list[str] = field(default_factory=list)
@@ -70,8 +74,7 @@ class DeepCacheUNet(nn.Module):
     """A U-Net that runs DeepCache; build it with `dcfx.optimize`.
 
     Call it exactly like the wrapped U-Net (same arguments, same return type). Attributes it
-    does not define (`config`, `dtype`, `device`, `add_embedding`, ...) are the wrapped
-    U-Net's. The wrapped U-Net is `self.unet`; it is not modified and stays usable.
+    does not define (`config`, `dtype`, `device`, `conv_in`, ...) are the wrapped U-Net's. The wrapped U-Net is `self.unet`; it is not modified and stays usable.
     """
 
     def __init__(self, unet: nn.Module, config: DeepCacheConfig):
@@ -84,7 +87,7 @@ class DeepCacheUNet(nn.Module):
         self._fingerprint: tuple | None = None
         self._gen = _Generation(index=0)
         self._history: collections.deque[str] = collections.deque(maxlen=_HISTORY_LENGTH)
-        self._check_fingerprint()
+        self._plan_valid: Callable[[], bool] = lambda: False
 
     # -- public -------------------------------------------------------------------------
 
@@ -133,16 +136,21 @@ class DeepCacheUNet(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         call = self._binder.bind(args, kwargs)
-        self._advance(call)
-        entry = self._entry(call)
+        force_full = self._advance(call)
         gen = self._gen
-        full = self._schedule.is_full(gen.step, gen.num_steps) or entry.cache_generation != gen.index
+        if not gen.checked:
+            self._check_fingerprint()
+            gen.checked = True
+        entry = self._entry(call)
+        full = force_full or entry.cache_generation != gen.index or self._schedule.is_full(gen.step, gen.num_steps)
         if full:
             *outputs, feature = entry.full(*call.tensors)
-            if entry.cache is None:
-                entry.cache = torch.empty_like(feature)
-            # Same storage every time, so a captured shallow step reads this buffer.
-            entry.cache.copy_(feature)
+            # Same storage every time, so a captured shallow step reads this buffer. Detached:
+            # a cache must not keep a full step's autograd graph alive.
+            with torch.no_grad():
+                if entry.cache is None:
+                    entry.cache = torch.empty_like(feature)
+                entry.cache.copy_(feature)
             entry.cache_generation = gen.index
         else:
             outputs = entry.shallow(*call.tensors, entry.cache)
@@ -159,32 +167,57 @@ class DeepCacheUNet(nn.Module):
 
     # -- generations --------------------------------------------------------------------
 
-    def _start_generation(self, explicit: bool, num_steps: int | None = None) -> None:
+    def _start_generation(self, explicit: bool, num_steps: int | None = None, planned: bool = False) -> None:
         if self._gen.log:
             self._history.append("".join(self._gen.log))
         self._gen = _Generation(
-            index=self._gen.index + 1, num_steps=num_steps, remaining=num_steps, explicit=explicit
+            index=self._gen.index + 1,
+            num_steps=num_steps,
+            remaining=None if planned else num_steps,
+            explicit=explicit,
+            planned=planned,
         )
-        self._check_fingerprint()
 
-    def _advance(self, call: Call) -> None:
+    def _plan(self, num_steps: int, valid: Callable[[], bool]) -> None:
+        """Start a generation of `num_steps` calls announced by a scheduler (`dcfx.enable`).
+
+        It lasts until the next plan (so a miscounted plan cannot leak into the next
+        generation) or until `valid()` turns false (the pipeline's scheduler was replaced).
+        A plan made before the generation's first call only corrects the step count.
+        """
+        self._plan_valid = valid
+        if self._gen.planned and self._gen.step == 0:
+            self._gen.num_steps = num_steps
+        else:
+            self._start_generation(explicit=True, num_steps=num_steps, planned=True)
+
+    def _advance(self, call: Call) -> bool:
+        """Move to this call's place in the generations; True if it must run full anyway."""
         gen = self._gen
         if gen.explicit:
-            if gen.remaining is None:
-                return
-            if gen.remaining > 0:
+            if gen.planned:
+                if self._plan_valid():
+                    return False
+            elif gen.remaining is None:
+                return False
+            elif gen.remaining > 0:
                 gen.remaining -= 1
-                return
-            # The planned generation is over: back to reading timesteps.
+                return False
+            # The planned generation is over, or its planner is gone: read timesteps again.
             self._start_generation(explicit=False)
             gen = self._gen
         t = self._host_timestep(call)
+        force_full = False
         if gen.step == 0:
-            new = False  # already at step 0 (first call, or a planned generation just ended)
+            new = False  # already at step 0 (first call, or the explicit generation ended)
         elif t > gen.last_t:
             new = True
-        elif t == gen.last_t:
-            new = gen.step < 2 or gen.last_was_repeat
+        elif t == gen.last_t and gen.last_was_repeat:
+            new = True
+        elif t == gen.last_t and gen.step == 1:
+            # A scheduler's repeat (PNDM/Heun/KDPM2 img2img can start on one) or a new
+            # one-step generation at the same timestep: running it full is right for both.
+            new, force_full = False, True
         else:
             new = False
         if new:
@@ -193,6 +226,7 @@ class DeepCacheUNet(nn.Module):
         gen.last_was_repeat = gen.step > 0 and t == gen.last_t
         gen.last_t = t
         self._require_num_steps_known()
+        return force_full
 
     def _require_num_steps_known(self) -> None:
         if self._schedule.needs_num_steps and self._gen.num_steps is None:
@@ -219,8 +253,6 @@ class DeepCacheUNet(nn.Module):
     def _entry(self, call: Call) -> _Entry:
         entry = self._entries.get(call.key)
         if entry is None:
-            if self._fingerprint is None:
-                self._check_fingerprint()
             entry = self._entries[call.key] = self._build(call)
         return entry
 
@@ -256,6 +288,7 @@ class DeepCacheUNet(nn.Module):
         # .to(), .half(), ... : shapes, dtypes and devices baked into the graphs change.
         self._entries.clear()
         self._fingerprint = None
+        self._gen.checked = False
         return super()._apply(fn, recurse)
 
     def __getattr__(self, name: str) -> Any:
@@ -269,7 +302,9 @@ class DeepCacheUNet(nn.Module):
 
 
 def _fingerprint(module: nn.Module) -> tuple:
+    # Not data pointers: graphs read the parameters through the same Parameter objects, so
+    # weights moved away and back (CPU offload) need no new capture; a device change does.
     return (module.training,) + tuple(
-        (name, id(t), t.dtype, t.device, tuple(t.shape), t.data_ptr() if t.device.type != "meta" else 0)
+        (name, id(t), t.dtype, t.device, tuple(t.shape))
         for name, t in (*module.named_parameters(), *module.named_buffers())
     )

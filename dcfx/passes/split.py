@@ -6,8 +6,9 @@ ops with `meta["val"]`.
 A *skip connection* is a channel concatenation (`aten.cat`, dim 1, two tensors of rank >= 3)
 one of whose operands is an ancestor of the other: the ancestor is the skip tensor `s`,
 made on the way down, and the other the up path's hidden state `h`, which depends on it
-through the deep part of the network. Skips are numbered in the order their tensors are
-produced (the graph's topological order), so `s0` is the outermost one.
+through the deep part of the network. The skip operand may also be a sum with `s` as a term
+(ControlNet adds its residuals to the skips: `cat([h, s + r])`). Skips are numbered in the
+order their tensors are produced (the graph's topological order), so `s0` is the outermost.
 
 Out, for branch b:
 - the full graph: the input graph with `h_b` appended to its outputs (the feature to cache);
@@ -62,12 +63,13 @@ def find_skips(graph: fx.Graph) -> list[Skip]:
         if pair is None:
             continue
         a, b = pair
-        if _is_ancestor(b, a, order):
-            found.append((b, a, node))
-        elif _is_ancestor(a, b, order):
-            found.append((a, b, node))
+        for skip, hidden in ((b, a), (a, b)):
+            source = _skip_source(skip, hidden, order)
+            if source is not None:
+                found.append((source, skip, hidden, node))
+                break
     found.sort(key=lambda f: order[f[0]])
-    return [Skip(i, s, h, c) for i, (s, h, c) in enumerate(found)]
+    return [Skip(i, s, h, c) for i, (_, s, h, c) in enumerate(found)]
 
 
 def split(gm: fx.GraphModule, branch: int) -> SplitGraphs:
@@ -132,6 +134,21 @@ def _channel_concat_pair(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     if dim % val.dim() != 1:
         return None
     return tensors[0], tensors[1]
+
+
+def _skip_source(skip: fx.Node, hidden: fx.Node, order: dict[fx.Node, int]) -> fx.Node | None:
+    """The down-path tensor behind concat operand `skip`, if `hidden` depends on it.
+
+    `skip` itself, or a term of a sum that makes `skip` (residuals added to the skips).
+    """
+    stack = [skip]
+    while stack:
+        n = stack.pop()
+        if _is_ancestor(n, hidden, order):
+            return n
+        if n.op == "call_function" and n.target is torch.ops.aten.add.Tensor:
+            stack.extend(a for a in n.args[:2] if isinstance(a, fx.Node))
+    return None
 
 
 def _is_ancestor(ancestor: fx.Node, node: fx.Node, order: dict[fx.Node, int]) -> bool:

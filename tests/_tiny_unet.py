@@ -1,0 +1,147 @@
+"""Shared by test_runtime.py and test_pipelines.py: tiny random diffusers models, and DeepCache
+done by hand with forward hooks on the plain U-Net (the reference dcfx is checked against).
+
+Not a test module (no `test_` prefix); pytest puts tests/ on sys.path, so the test files
+import it as `_tiny_unet`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from torch import nn
+
+CROSS_DIM = 32
+TOKENS = 7
+LATENT = 8  # latent height/width used throughout
+
+# Skip connections of TINY_UNET_CONFIG, in production order (see DEEPCACHE.md):
+# s0 conv_in, s1 down_blocks[0] layer 0, s2 down_blocks[0] downsampler, s3 down_blocks[1] layer 0.
+NUM_SKIPS = 4
+
+TINY_UNET_CONFIG = dict(
+    sample_size=LATENT,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    norm_num_groups=8,
+    cross_attention_dim=CROSS_DIM,
+    attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+)
+
+
+def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return UNet2DConditionModel(**TINY_UNET_CONFIG).eval()
+
+
+def tiny_vae(seed: int = 1) -> AutoencoderKL:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(8,),
+            layers_per_block=1,
+            norm_num_groups=4,
+            down_block_types=("DownEncoderBlock2D",),
+            up_block_types=("UpDecoderBlock2D",),
+            sample_size=LATENT,
+        ).eval()
+
+
+def skip_channels(unet: UNet2DConditionModel) -> list[int]:
+    """Channels of s0, s1, ... as the down path of a diffusers U-Net produces them."""
+    boc = unet.config.block_out_channels
+    lpb = unet.config.layers_per_block
+    lpb = [lpb] * len(boc) if isinstance(lpb, int) else list(lpb)
+    channels = [boc[0]]
+    for i, c in enumerate(boc):
+        channels += [c] * lpb[i]
+        if i < len(boc) - 1:
+            channels.append(c)
+    return channels
+
+
+def skip_consumer(unet: UNet2DConditionModel, branch: int) -> nn.Module:
+    """The up-path resnet whose input is cat([h_branch, s_branch], dim=1)."""
+    consumers = [r for block in unet.up_blocks for r in block.resnets]  # consume s_{n-1} .. s_0
+    assert len(consumers) == len(skip_channels(unet))
+    return consumers[len(consumers) - 1 - branch]
+
+
+class ManualDeepCache:
+    """DeepCache on the plain U-Net through a forward pre-hook, as an independent reference.
+
+    The resnet consuming skip `s_b` gets `cat([h_b, s_b], 1)`. On a full step ("F") the hook
+    stores `h_b` (per batch/resolution/dtype, like dcfx's per-signature cache); on a shallow
+    step ("S") it replaces `h_b` by the stored tensor. The deep path still runs on "S" steps
+    but its result is discarded, so the output is what a shallow step must compute.
+
+    `oracle(mode, *args, **kwargs)` is one U-Net call. `with oracle.replay("FSSFS"): ...` sets
+    the mode per U-Net call for a whole pipeline run. The hooks exist only during these calls,
+    so a dcfx capture (which traces the same U-Net) never sees them.
+    """
+
+    def __init__(self, unet: UNet2DConditionModel, branch: int):
+        self.unet = unet
+        self.layer = skip_consumer(unet, branch)
+        self.skip = skip_channels(unet)[branch]
+        self.mode = "F"
+        self.saved: dict[tuple, torch.Tensor] = {}
+
+    def _layer_hook(self, module, args):
+        x = args[0]
+        assert x.shape[1] == module.in_channels
+        keep = x.shape[1] - self.skip
+        key = (x.shape[0], *x.shape[2:], x.dtype)
+        if self.mode == "F":
+            self.saved[key] = x[:, :keep].clone()
+            return None
+        assert self.mode == "S", self.mode
+        return (torch.cat([self.saved[key], x[:, keep:]], dim=1), *args[1:])
+
+    def __call__(self, mode: str, *args, **kwargs):
+        """One U-Net call as a full ("F") or shallow ("S") step."""
+        self.mode = mode
+        handle = self.layer.register_forward_pre_hook(self._layer_hook)
+        try:
+            with torch.no_grad():
+                return self.unet(*args, **kwargs)
+        finally:
+            handle.remove()
+
+    @contextlib.contextmanager
+    def replay(self, pattern: str):
+        calls = []
+
+        def count(module, args):
+            self.mode = pattern[len(calls)]
+            calls.append(self.mode)
+
+        handles = [
+            self.unet.register_forward_pre_hook(count),
+            self.layer.register_forward_pre_hook(self._layer_hook),
+        ]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+        assert "".join(calls) == pattern, "the pipeline made another number of U-Net calls"
+
+
+def uniform(num_steps: int, interval: int) -> str:
+    return "".join("F" if i % interval == 0 else "S" for i in range(num_steps))
+
+
+def pattern_of(full_steps, num_steps: int) -> str:
+    full = set(full_steps)
+    return "".join("F" if i in full else "S" for i in range(num_steps))

@@ -1,0 +1,313 @@
+"""Acceptance: dcfx in diffusers pipelines built from tiny random components.
+
+StableDiffusionPipeline and StableDiffusionImg2ImgPipeline without text encoder or tokenizer
+(prompt_embeds are passed in), classifier-free guidance (U-Net batch 2), latent output.
+Consecutive generations with other step counts and strengths must each follow the schedule
+from their own step 0, in automatic mode (`pipe.unet = dcfx.optimize(...)`, boundaries from
+the timesteps) and with `dcfx.enable(pipe, ...)` (boundaries from the scheduler, no timestep
+read back). Every generation's latents are also compared with the same pipeline run on the
+plain U-Net with DeepCache done by hand (`ManualDeepCache.replay`) on the expected steps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+)
+
+import dcfx
+from dcfx import DeepCacheUNet
+from _tiny_unet import CROSS_DIM, LATENT, TOKENS, ManualDeepCache, pattern_of, tiny_unet, tiny_vae, uniform
+
+SCHEDULERS = {
+    "ddim": lambda: DDIMScheduler(steps_offset=1, clip_sample=False),
+    # PRK warm-up: after the first, timesteps come in pairs (901, 851, 851, 801, 801, ...)
+    "pndm": lambda: PNDMScheduler(steps_offset=1, skip_prk_steps=False),
+    "heun": lambda: HeunDiscreteScheduler(steps_offset=1),  # 2 U-Net calls per step
+    "kdpm2": lambda: KDPM2DiscreteScheduler(steps_offset=1),  # 2 U-Net calls per step
+    "euler": lambda: EulerDiscreteScheduler(steps_offset=1),
+}
+MODES = ["auto", "enable"]
+GUIDANCE = 3.0
+# Pipeline outputs after up to 17 denoising steps; dcfx's fused cut sums in another order.
+LATENT_TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tiny models gain nothing from intra-op threads, and on a loaded 2-core machine
+    # spinning OpenMP threads make these tests ten times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def components():
+    return dict(unet=tiny_unet(seed=0), vae=tiny_vae(seed=1))
+
+
+@pytest.fixture(scope="module")
+def embeds():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(1, TOKENS, CROSS_DIM, generator=g), torch.randn(1, TOKENS, CROSS_DIM, generator=g)
+
+
+@pytest.fixture(scope="module")
+def image():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(1, 3, LATENT, LATENT, generator=g) * 2 - 1  # RGB in [-1, 1]; vae_scale_factor is 1
+
+
+def make_pipe(components, scheduler: str, cls=StableDiffusionPipeline):
+    pipe = cls(
+        vae=components["vae"],
+        text_encoder=None,
+        tokenizer=None,
+        unet=components["unet"],
+        scheduler=SCHEDULERS[scheduler](),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def img2img_of(pipe):
+    i2i = StableDiffusionImg2ImgPipeline(**pipe.components)  # same U-Net and scheduler objects
+    i2i.set_progress_bar_config(disable=True)
+    return i2i
+
+
+def generate(pipe, embeds, steps, image=None, strength=None, seed=0):
+    prompt, negative = embeds
+    kwargs = dict(
+        prompt_embeds=prompt,
+        negative_prompt_embeds=negative,
+        num_inference_steps=steps,
+        guidance_scale=GUIDANCE,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(seed),
+    )
+    if image is None:
+        kwargs.update(height=LATENT, width=LATENT)
+    else:
+        kwargs.update(image=image, strength=strength)
+    with torch.no_grad():
+        return pipe(**kwargs).images
+
+
+def calls_txt2img(scheduler: str, steps: int) -> int:
+    """U-Net calls of a txt2img generation: one per scheduler timestep."""
+    s = SCHEDULERS[scheduler]()
+    s.set_timesteps(steps)
+    return len(s.timesteps)
+
+
+def calls_img2img(scheduler: str, steps: int, strength: float) -> int:
+    """U-Net calls of an img2img generation (diffusers' get_timesteps)."""
+    s = SCHEDULERS[scheduler]()
+    s.set_timesteps(steps)
+    t_start = max(steps - min(int(steps * strength), steps), 0)
+    return len(s.timesteps) - t_start * s.order
+
+
+def install(pipe, mode, monkeypatch, **options):
+    """DeepCache on `pipe` in automatic or scheduler-driven mode."""
+    if mode == "auto":
+        pipe.unet = dcfx.optimize(pipe.unet, **options)
+        return pipe.unet
+
+    # dcfx.enable must never read a timestep back from the device
+    def no_reads(call):
+        raise AssertionError("dcfx.enable read a timestep")
+
+    monkeypatch.setattr(DeepCacheUNet, "_host_timestep", staticmethod(no_reads))
+    return dcfx.enable(pipe, **options)
+
+
+def test_expected_call_counts():
+    # The step counts the schedules below are built on (two calls per step for Heun/KDPM2).
+    assert [calls_txt2img(s, 5) for s in ("ddim", "pndm", "heun", "kdpm2")] == [5, 14, 9, 9]
+    assert [calls_img2img(s, 10, 0.6) for s in ("ddim", "pndm", "heun", "kdpm2")] == [6, 15, 11, 11]
+
+
+# (kind, steps, strength) of consecutive generations on one pipeline's U-Net; img2img starts at
+# steps 4 and 2 of the scheduler's timesteps, so its first call is not the schedule's first
+GENERATIONS = [("txt2img", 5, None), ("txt2img", 4, None), ("img2img", 10, 0.6), ("img2img", 10, 0.8)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("scheduler", ["ddim", "pndm", "heun", "kdpm2"])
+def test_consecutive_generations_follow_the_schedule(components, embeds, image, scheduler, mode, monkeypatch):
+    interval = 3
+    pipe = make_pipe(components, scheduler)
+    fast = install(pipe, mode, monkeypatch, interval=interval, branch=0)
+    i2i = img2img_of(pipe)
+    reference = make_pipe(components, scheduler)  # plain U-Net, own scheduler
+    reference_i2i = img2img_of(reference)
+    oracle = ManualDeepCache(components["unet"], 0)
+    expected = []
+    for kind, steps, strength in GENERATIONS:
+        if kind == "txt2img":
+            pattern = uniform(calls_txt2img(scheduler, steps), interval)
+            out = generate(pipe, embeds, steps)
+            with oracle.replay(pattern):
+                ref = generate(reference, embeds, steps)
+        else:
+            pattern = uniform(calls_img2img(scheduler, steps, strength), interval)
+            out = generate(i2i, embeds, steps, image, strength)
+            with oracle.replay(pattern):
+                ref = generate(reference_i2i, embeds, steps, image, strength)
+        expected.append(pattern)
+        assert fast.history == tuple(expected)
+        torch.testing.assert_close(out, ref, **LATENT_TOL)
+    assert pipe.unet is fast and i2i.unet is fast
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pndm_img2img_starting_on_a_repeated_timestep(components, embeds, image, mode, monkeypatch):
+    # strength 0.5 and 0.7 of 10 steps start at index 5 and 3 of the timesteps, i.e. on the first
+    # of a repeated pair: (751, 751, 701, ...) and (801, 801, 751, ...)
+    pipe = make_pipe(components, "pndm", StableDiffusionImg2ImgPipeline)
+    fast = install(pipe, mode, monkeypatch, interval=3)
+    expected = []
+    for strength in (0.5, 0.7):
+        generate(pipe, embeds, 10, image, strength)
+        expected.append(uniform(calls_img2img("pndm", 10, strength), 3))
+    assert expected == ["FSSFSSFSSFSSFS", "FSSFSSFSSFSSFSSF"]
+    if mode == "auto":
+        # Without the scheduler, a repeat of step 0's timestep at step 1 may be a new one-step
+        # generation: it runs full (right either way) and the schedule goes on from step 2.
+        expected = ["FF" + pattern[2:] for pattern in expected]
+    assert fast.history == tuple(expected)
+
+
+@pytest.mark.parametrize("scheduler, steps", [("ddim", (20, 14)), ("heun", (8, 6))])
+def test_nonuniform_schedule_with_enable(components, embeds, scheduler, steps, monkeypatch):
+    pipe = make_pipe(components, scheduler)
+    fast = install(pipe, "enable", monkeypatch, interval=3, schedule="nonuniform", center=8)
+    oracle = ManualDeepCache(components["unet"], 0)
+    reference = make_pipe(components, scheduler)
+    expected = []
+    for n in steps:
+        calls = calls_txt2img(scheduler, n)
+        pattern = pattern_of(dcfx.nonuniform_full_steps(calls, 3, center=8), calls)
+        assert pattern == pattern_of(fast.full_steps(calls), calls)
+        expected.append(pattern)
+        out = generate(pipe, embeds, n)
+        with oracle.replay(pattern):
+            torch.testing.assert_close(out, generate(reference, embeds, n), **LATENT_TOL)
+    assert fast.history == tuple(expected)
+    assert expected[0] == {"ddim": "FSSFSSFSFSFSSFSSFSSS", "heun": "FSSSFSSFSFSFSSS"}[scheduler]
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        "heun",
+        "euler",
+        "ddim",
+    ],
+)
+def test_nonuniform_img2img_with_enable(components, embeds, image, scheduler, monkeypatch):
+    pipe = make_pipe(components, scheduler, StableDiffusionImg2ImgPipeline)
+    fast = install(pipe, "enable", monkeypatch, interval=3, schedule="nonuniform", center=8)
+    generate(pipe, embeds, 20, image, 0.6)
+    calls = calls_img2img(scheduler, 20, 0.6)
+    assert fast.history == (pattern_of(dcfx.nonuniform_full_steps(calls, 3, center=8), calls),)
+
+
+def test_enable_leftover_plan_never_reuses_a_stale_cache(components, embeds, image):
+    pipe = make_pipe(components, "ddim", StableDiffusionImg2ImgPipeline)
+    dcfx.enable(pipe, interval=3)
+    generate(pipe, embeds, 10, image, 0.5)  # 5 calls
+    pipe.scheduler = SCHEDULERS["ddim"]()  # e.g. a scheduler swapped in after enable
+    out = generate(pipe, embeds, 10, image, 0.5, seed=1)
+    reference = make_pipe(components, "ddim", StableDiffusionImg2ImgPipeline)
+    with ManualDeepCache(components["unet"], 0).replay("FSSFS"):
+        expected = generate(reference, embeds, 10, image, 0.5, seed=1)
+    torch.testing.assert_close(out, expected, **LATENT_TOL)
+    assert pipe.unet.history == ("FSSFS", "FSSFS")
+
+
+@pytest.mark.parametrize("kind", ["txt2img", "img2img"])
+def test_outputs_against_the_plain_pipeline(components, embeds, image, kind):
+    cls = StableDiffusionPipeline if kind == "txt2img" else StableDiffusionImg2ImgPipeline
+    args = (6,) if kind == "txt2img" else (10, image, 0.7)
+    pipe = make_pipe(components, "ddim", cls)
+    plain = generate(pipe, embeds, *args)
+    pipe.unet = dcfx.optimize(components["unet"], interval=1)
+    torch.testing.assert_close(generate(pipe, embeds, *args), plain, rtol=0, atol=1e-6)
+    calls = 6 if kind == "txt2img" else 7  # img2img: 10 steps from step 3
+    assert pipe.unet.history == ("F" * calls,)
+    pipe.unet = dcfx.optimize(components["unet"], interval=3, branch=1)
+    cached = generate(pipe, embeds, *args)
+    assert pipe.unet.history == (uniform(calls, 3),)
+    assert (cached - plain).abs().max() > 1e-3  # caching changes the result (the test can fail)
+    dcfx.disable(pipe)
+    torch.testing.assert_close(generate(pipe, embeds, *args), plain, rtol=0, atol=0)
+
+
+def test_enable_without_caching_equals_plain(components, embeds):
+    pipe = make_pipe(components, "heun")
+    plain = generate(pipe, embeds, 4)
+    dcfx.enable(pipe, interval=1)
+    torch.testing.assert_close(generate(pipe, embeds, 4), plain, rtol=0, atol=1e-6)
+    assert pipe.unet.history == ("F" * 7,)
+
+
+def test_unet_attributes_fall_through(components):
+    unet = components["unet"]
+    pipe = make_pipe(components, "ddim")
+    pipe.unet = dcfx.optimize(unet, interval=2)
+    assert isinstance(pipe.unet, DeepCacheUNet) and pipe.unet.unet is unet
+    assert pipe.unet.config is unet.config
+    assert pipe.unet.config.in_channels == 4 and pipe.unet.config.sample_size == LATENT
+    assert pipe.unet.dtype == torch.float32 and pipe.unet.device == torch.device("cpu")
+    assert pipe.unet.conv_in is unet.conv_in and pipe.unet.encoder_hid_proj is None
+    assert pipe.unet.attn_processors.keys() == unet.attn_processors.keys()
+    assert pipe.unet.deepcache_config.interval == 2
+    assert pipe._execution_device == torch.device("cpu")
+    with pytest.raises(AttributeError):
+        pipe.unet.no_such_attribute
+
+
+def test_disable_restores_unet_and_scheduler(components, embeds):
+    unet = components["unet"]
+    pipe = make_pipe(components, "heun")
+    scheduler = pipe.scheduler
+    cls = type(scheduler)
+    plain = generate(pipe, embeds, 3)
+
+    fast = dcfx.enable(pipe, interval=2)
+    assert pipe.unet is fast and fast.unet is unet
+    assert {"set_timesteps", "set_begin_index"} <= set(vars(scheduler))
+    fast2 = dcfx.enable(pipe, interval=3)  # again: replaces, does not stack
+    assert fast2.unet is unet and pipe.unet is fast2
+    assert scheduler.set_timesteps.__wrapped__.__func__ is cls.set_timesteps
+    generate(pipe, embeds, 3)
+    assert fast2.history == (uniform(5, 3),)
+
+    assert dcfx.disable(pipe) is unet
+    assert pipe.unet is unet
+    assert "set_timesteps" not in vars(scheduler) and "set_begin_index" not in vars(scheduler)
+    assert scheduler.set_timesteps.__func__ is cls.set_timesteps
+    assert scheduler.set_begin_index.__func__ is cls.set_begin_index
+    assert not hasattr(scheduler, "_dcfx_patched")
+    torch.testing.assert_close(generate(pipe, embeds, 3), plain, rtol=0, atol=0)
+    assert fast2.history == (uniform(5, 3),)  # no longer called
+    assert dcfx.disable(pipe) is unet  # a second disable is a no-op
+
+    pipe.unet = dcfx.optimize(unet, interval=2)  # optimize without enable: disable undoes it too
+    assert dcfx.disable(pipe) is unet and pipe.unet is unet
