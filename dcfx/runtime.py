@@ -38,9 +38,9 @@ from .passes.fuse import fuse_cut, fusion_disabled
 from .passes.split import split
 from .schedule import StepSchedule
 
-# Captures depend only on the U-Net and the call signature, not on the config, so wrappers
-# of the same U-Net (e.g. one per branch while choosing one) share them.
-_CAPTURES: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+# Captures and split graphs depend only on the U-Net, the call signature and the branch, so
+# wrappers of the same U-Net (e.g. one per branch while choosing one) share them.
+_SHARED: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 _HISTORY_LENGTH = 16
 
@@ -257,20 +257,22 @@ class DeepCacheUNet(nn.Module):
         return entry
 
     def _build(self, call: Call) -> _Entry:
-        shared = _CAPTURES.setdefault(self.unet, {})
-        key = (self._fingerprint, call.key)
+        # Shared by all wrappers of this U-Net: the capture per signature, the split (and
+        # fused) graphs per signature and branch. Compiled callables stay per wrapper.
+        shared = _SHARED.setdefault(self.unet, {})
+        key = (self._fingerprint, call.key, None)
         cap = shared.get(key)
         if cap is None:
             cap = shared[key] = capture(self.unet, call)
-        graphs = split(cap.graph_module, self._dc_config.branch)
-        shallow = graphs.shallow
-        if self._dc_config.fuse_cut and not fusion_disabled():
-            shallow = fuse_cut(shallow)
-        return _Entry(
-            cap,
-            LazyGraph(graphs.full, self._dc_config, "full"),
-            LazyGraph(shallow, self._dc_config, "shallow"),
-        )
+        fuse = self._dc_config.fuse_cut and not fusion_disabled()
+        graphs_key = (self._fingerprint, call.key, (self._dc_config.branch, fuse))
+        graphs = shared.get(graphs_key)
+        if graphs is None:
+            split_graphs = split(cap.graph_module, self._dc_config.branch)
+            shallow = fuse_cut(split_graphs.shallow) if fuse else split_graphs.shallow
+            graphs = shared[graphs_key] = (split_graphs.full, shallow)
+        full, shallow = graphs
+        return _Entry(cap, LazyGraph(full, self._dc_config, "full"), LazyGraph(shallow, self._dc_config, "shallow"))
 
     def _check_fingerprint(self) -> None:
         # Once per generation: a U-Net whose parameters were moved, cast, replaced or added
@@ -278,7 +280,7 @@ class DeepCacheUNet(nn.Module):
         fp = _fingerprint(self.unet)
         if fp != self._fingerprint:
             self._entries.clear()
-            stale = _CAPTURES.get(self.unet)
+            stale = _SHARED.get(self.unet)
             if stale:
                 for k in [k for k in stale if k[0] != fp]:
                     del stale[k]

@@ -38,9 +38,10 @@ def nonuniform_full_steps(num_steps: int, interval: int, center: int = 15, power
             return tuple(steps)
         p -= 0.02
     raise ValueError(
-        f"no non-uniform schedule with {k} full steps for num_steps={num_steps}, "
-        f"center={center}, power={power}: choose a center inside 0..{num_steps - 1} or use "
-        f"schedule='uniform'"
+        f"no non-uniform schedule with {k} distinct full steps for num_steps={num_steps}, "
+        f"interval={interval}, center={center}, power={power} (the reference lowers the power "
+        f"towards 1 and finds none either): choose another center (0..{num_steps - 1}), a larger "
+        f"interval or power, or schedule='uniform'"
     )
 
 

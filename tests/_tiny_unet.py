@@ -145,3 +145,18 @@ def uniform(num_steps: int, interval: int) -> str:
 def pattern_of(full_steps, num_steps: int) -> str:
     full = set(full_steps)
     return "".join("F" if i in full else "S" for i in range(num_steps))
+
+
+def sample_steps(unet, scheduler, latents, cond) -> list[torch.Tensor]:
+    """Plain sampling loop returning every step's latents; `scheduler` fresh, timesteps set.
+
+    The timestep goes in positionally, as a tensor: DeepCache's reference helper needs that.
+    """
+    lat = latents * scheduler.init_noise_sigma
+    steps = []
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps = unet(scheduler.scale_model_input(lat, t), t, **cond).sample
+            lat = scheduler.step(eps, t, lat).prev_sample
+            steps.append(lat.clone())
+    return steps

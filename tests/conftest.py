@@ -4,7 +4,18 @@
 # run the interpreter tests there; the CUDA tests then skip).
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    # The test models are tiny and gain nothing from intra-op threads; on a loaded 2-core
+    # machine spinning OpenMP threads make them about ten times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -41,16 +41,6 @@ GUIDANCE = 3.0
 LATENT_TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny models gain nothing from intra-op threads, and on a loaded 2-core machine
-    # spinning OpenMP threads make these tests ten times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def components():
     return dict(unet=tiny_unet(seed=0), vae=tiny_vae(seed=1))

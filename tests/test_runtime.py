@@ -28,16 +28,6 @@ FULL_TOL = dict(rtol=0, atol=1e-6)  # the full graph runs the U-Net's own ops
 SHALLOW_TOL = dict(rtol=1e-5, atol=1e-5)  # the fused cut normalises in another order
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny models gain nothing from intra-op threads, and on a loaded 2-core machine
-    # spinning OpenMP threads make these tests ten times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def unet():
     return tiny_unet(seed=0)

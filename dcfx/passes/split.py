@@ -85,8 +85,8 @@ def split(gm: fx.GraphModule, branch: int) -> SplitGraphs:
             f"branch {branch} is out of range: this U-Net has {len(skips)} skip connections, "
             f"valid branches are 0..{len(skips) - 1}"
         )
-    hidden = skips[branch].hidden
-    return SplitGraphs(_full_graph(gm, hidden), _shallow_graph(gm, hidden), branch, len(skips))
+    cut = skips[branch]
+    return SplitGraphs(_full_graph(gm, cut.hidden), _shallow_graph(gm, cut), branch, len(skips))
 
 
 def _full_graph(gm: fx.GraphModule, hidden: fx.Node) -> fx.GraphModule:
@@ -97,7 +97,7 @@ def _full_graph(gm: fx.GraphModule, hidden: fx.Node) -> fx.GraphModule:
     return finish_graph(gm, graph)
 
 
-def _shallow_graph(gm: fx.GraphModule, hidden: fx.Node) -> fx.GraphModule:
+def _shallow_graph(gm: fx.GraphModule, cut: Skip) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(gm.graph, env)
@@ -105,8 +105,17 @@ def _shallow_graph(gm: fx.GraphModule, hidden: fx.Node) -> fx.GraphModule:
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     with graph.inserting_after(placeholders[-1]):
         cache = graph.placeholder(CACHE_INPUT)
-    cache.meta = {k: v for k, v in env[hidden].meta.items() if k in ("val", "tensor_meta")}
-    env[hidden].replace_all_uses_with(cache)
+    hidden = env[cut.hidden]
+    cache.meta = {k: v for k, v in hidden.meta.items() if k in ("val", "tensor_meta")}
+    if cut.skip is cut.hidden:
+        # No mid block: the deepest skip is also the up path's input. Only the up path's
+        # operand is the cached one; the skip operand stays fresh.
+        concat = env[cut.concat]
+        parts = list(concat.args[0])
+        parts[0 if cut.hidden_first else 1] = cache
+        concat.args = (parts, *concat.args[1:])
+    else:
+        hidden.replace_all_uses_with(cache)
     return finish_graph(gm, graph)
 
 
