@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import weakref
 from typing import Any
@@ -35,6 +36,10 @@ def optimize(unet: nn.Module, config: DeepCacheConfig | None = None, **options: 
     if config is not None and options:
         raise TypeError("pass either a DeepCacheConfig or its fields as keywords, not both")
     if config is None:
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(DeepCacheConfig)})
+        if unknown:
+            valid = ", ".join(f.name for f in dataclasses.fields(DeepCacheConfig))
+            raise TypeError(f"unknown DeepCacheConfig field(s) {', '.join(unknown)}; valid fields are {valid}")
         config = DeepCacheConfig(**options)
     elif not isinstance(config, DeepCacheConfig):
         raise TypeError(f"config must be a DeepCacheConfig, got {type(config).__name__}")

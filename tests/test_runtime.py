@@ -661,3 +661,10 @@ def test_report_bad_arguments(unet, inputs):
         dcfx.report(unet, x, 900, e, num_steps=0)
     with pytest.raises(ValueError, match=r"branch 7 is out of range: .*valid branches are 0\.\.3"):
         dcfx.report(unet, x, 900, e, branches=[7])
+
+
+def test_unknown_option_names_the_valid_fields(unet):
+    with pytest.raises(TypeError, match=r"intervall.*valid fields are interval, branch, schedule"):
+        dcfx.optimize(unet, intervall=3)
+    with pytest.raises(TypeError, match="not both"):
+        dcfx.optimize(unet, dcfx.DeepCacheConfig(), interval=2)
