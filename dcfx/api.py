@@ -53,85 +53,126 @@ def optimize(unet: nn.Module, config: DeepCacheConfig | None = None, **options: 
 def enable(pipe: Any, config: DeepCacheConfig | None = None, **options: Any) -> DeepCacheUNet:
     """Run `pipe.unet` with DeepCache, with generation boundaries taken from the scheduler.
 
-    Sets `pipe.unet = optimize(pipe.unet, ...)` and hooks the pipeline's scheduler instance:
-    each `set_timesteps` starts a generation of the scheduler's number of U-Net calls,
+    Sets `pipe.unet = optimize(pipe.unet, ...)` and makes the pipeline's scheduler announce
+    generations: each `set_timesteps` starts one of the scheduler's number of U-Net calls,
     corrected by `set_begin_index` or, for schedulers without it, by the first `add_noise`
     (img2img's start; one device read per generation). No timestep is read per step, and the
-    non-uniform schedule knows its step count. If `pipe.scheduler` is replaced later, the new
-    one is hooked and the generation in flight falls back to automatic boundaries.
-    `disable(pipe)` undoes it.
+    non-uniform schedule knows its step count. A call past the announced count, or after
+    `pipe.scheduler` was replaced (the new one is hooked for the next generation), falls back
+    to automatic boundaries. The scheduler keeps its class for `isinstance`, copies and
+    pickles as a plain scheduler. `disable(pipe)` undoes it.
     """
     if isinstance(pipe.unet, DeepCacheUNet):
         disable(pipe)
     unet = optimize(pipe.unet, config, **options)
     pipe.unet = unet
-    _hook(pipe, pipe.scheduler, unet)
+    _listen(pipe.scheduler, _Listener(pipe, unet))
     return unet
 
 
 def disable(pipe: Any) -> nn.Module:
-    """Undo `enable` (or `optimize`): restore the plain U-Net and the scheduler's methods."""
-    _unhook(pipe.scheduler)
+    """Undo `enable` (or `optimize`): restore the plain U-Net and the scheduler."""
+    for scheduler in list(_LISTENERS):
+        kept = [x for x in _LISTENERS[scheduler] if x.pipe() not in (pipe, None)]
+        if kept:
+            _LISTENERS[scheduler] = kept
+        else:
+            del _LISTENERS[scheduler]
+            base = getattr(type(scheduler), "_dcfx_base", None)
+            if base is not None:
+                scheduler.__class__ = base
     if isinstance(pipe.unet, DeepCacheUNet):
         pipe.unet = pipe.unet.unet
     return pipe.unet
 
 
-def _hook(pipe: Any, scheduler: Any, unet: DeepCacheUNet) -> None:
-    pipe_ref = weakref.ref(pipe)
+class _Listener:
+    """A pipeline's DeepCacheUNet, planned by the scheduler it listens to (both held weakly)."""
 
-    def valid() -> bool:
-        current = pipe_ref()
-        if current is None or current.unet is not unet:
+    def __init__(self, pipe: Any, unet: DeepCacheUNet):
+        self.pipe = weakref.ref(pipe)
+        self.unet = weakref.ref(unet)
+
+    def valid(self) -> bool:
+        pipe, unet = self.pipe(), self.unet()
+        if pipe is None or unet is None or pipe.unet is not unet:
             return False
-        if current.scheduler is not scheduler:
-            _hook(current, current.scheduler, unet)  # plans the next generation
+        if self not in _LISTENERS.get(pipe.scheduler, ()):
+            _listen(pipe.scheduler, self)  # a new scheduler: it plans the next generation
             return False
         return True
 
-    def plan(start: int) -> None:
-        timesteps = getattr(scheduler, "timesteps", None)
-        if timesteps is not None:
-            unet._plan(max(len(timesteps) - start, 1), valid)
 
-    def after_set_timesteps(*args, **kwargs):
-        result = originals["set_timesteps"](*args, **kwargs)
-        plan(getattr(scheduler, "begin_index", None) or 0)
+# scheduler -> its listeners. Weak keys: a dropped scheduler takes its hooks with it.
+_LISTENERS: weakref.WeakKeyDictionary[Any, list[_Listener]] = weakref.WeakKeyDictionary()
+
+
+def _listen(scheduler: Any, listener: _Listener) -> None:
+    listeners = _LISTENERS.setdefault(scheduler, [])
+    if listener not in listeners:
+        listeners.append(listener)
+    if not hasattr(type(scheduler), "_dcfx_base"):
+        scheduler.__class__ = _announcing_class(type(scheduler))
+
+
+def _announce(scheduler: Any, start: int) -> None:
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None:
+        return
+    for listener in list(_LISTENERS.get(scheduler, ())):
+        unet = listener.unet()
+        if unet is not None:
+            unet._plan(max(len(timesteps) - start, 1), listener.valid)
+
+
+def _img2img_start(scheduler: Any, timesteps: Any) -> None:
+    # For schedulers without set_begin_index: where img2img starts, once per generation.
+    if getattr(scheduler, "begin_index", None) is not None:
+        return
+    listeners = [x.unet() for x in _LISTENERS.get(scheduler, ())]
+    if not any(u is not None and u._gen.planned and u._gen.step == 0 for u in listeners):
+        return
+    schedule = getattr(scheduler, "timesteps", None)
+    if isinstance(schedule, torch.Tensor) and isinstance(timesteps, torch.Tensor) and timesteps.numel():
+        hits = (schedule == timesteps.reshape(-1)[0].to(schedule.device, schedule.dtype)).nonzero()
+        if len(hits):
+            _announce(scheduler, int(hits[0, 0]))
+
+
+def _rebuild(base: type) -> Any:
+    return base.__new__(base)
+
+
+@functools.lru_cache(maxsize=None)
+def _announcing_class(base: type) -> type:
+    """`base` with its timestep methods announcing generations to the listening U-Nets."""
+
+    def set_timesteps(self, *args, **kwargs):
+        result = base.set_timesteps(self, *args, **kwargs)
+        _announce(self, getattr(self, "begin_index", None) or 0)
         return result
 
-    def after_set_begin_index(begin_index=0, *args, **kwargs):
-        result = originals["set_begin_index"](begin_index, *args, **kwargs)
-        plan(begin_index)
+    def set_begin_index(self, begin_index=0, *args, **kwargs):
+        result = base.set_begin_index(self, begin_index, *args, **kwargs)
+        _announce(self, begin_index)
         return result
 
-    def after_add_noise(original_samples, noise, timesteps, *args, **kwargs):
-        result = originals["add_noise"](original_samples, noise, timesteps, *args, **kwargs)
-        # img2img's start for schedulers without set_begin_index: find it once per generation.
-        if getattr(scheduler, "begin_index", None) is None and unet._gen.planned and unet._gen.step == 0:
-            schedule = getattr(scheduler, "timesteps", None)
-            if isinstance(schedule, torch.Tensor) and isinstance(timesteps, torch.Tensor) and timesteps.numel():
-                first = timesteps.reshape(-1)[0].to(schedule.device, schedule.dtype)
-                hits = (schedule == first).nonzero()
-                if len(hits):
-                    plan(int(hits[0, 0]))
+    def add_noise(self, original_samples, noise, timesteps, *args, **kwargs):
+        result = base.add_noise(self, original_samples, noise, timesteps, *args, **kwargs)
+        _img2img_start(self, timesteps)
         return result
 
-    wrappers = {
-        "set_timesteps": after_set_timesteps,
-        "set_begin_index": after_set_begin_index,
-        "add_noise": after_add_noise,
+    def __reduce_ex__(self, protocol):
+        # Copies and pickles are plain schedulers: the hooks belong to this instance.
+        return (_rebuild, (base,), dict(self.__dict__))
+
+    namespace = {
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+        "__reduce_ex__": __reduce_ex__,
+        "_dcfx_base": base,
     }
-    _unhook(scheduler)
-    originals = {}
-    for name, wrapper in wrappers.items():
-        method = getattr(scheduler, name, None)
-        if method is not None:
-            originals[name] = method
-            setattr(scheduler, name, functools.wraps(method)(wrapper))
-    scheduler._dcfx_hooked = tuple(originals)
-
-
-def _unhook(scheduler: Any) -> None:
-    for name in getattr(scheduler, "_dcfx_hooked", ()):
-        scheduler.__dict__.pop(name, None)
-    scheduler.__dict__.pop("_dcfx_hooked", None)
+    for method in (set_timesteps, set_begin_index, add_noise):
+        if callable(getattr(base, method.__name__, None)):
+            namespace[method.__name__] = functools.wraps(getattr(base, method.__name__))(method)
+    return type(base.__name__, (base,), namespace)

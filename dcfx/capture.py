@@ -48,6 +48,20 @@ class CallBinder:
 
     def __init__(self, module: nn.Module):
         self._signature = inspect.signature(module.forward)
+        variadic = [
+            p.name for p in self._signature.parameters.values()
+            if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        ]
+        if variadic:
+            hint = (
+                " (a torch.compile'd module: pass the original, `model._orig_mod`, and use "
+                "compile=True)" if hasattr(module, "_orig_mod") else ""
+            )
+            raise TypeError(
+                f"dcfx needs a U-Net whose forward names its parameters, like diffusers' "
+                f"UNet2DConditionModel; {type(module).__name__}.forward{self._signature} has "
+                f"{', '.join('*' + n for n in variadic)}{hint}"
+            )
         names = list(self._signature.parameters)
         # The timestep is the second parameter of every diffusers U-Net (`timestep`).
         self._timestep_name = "timestep" if "timestep" in names else (names[1] if len(names) > 1 else None)
@@ -66,11 +80,17 @@ class CallBinder:
         leaves, spec = pytree.tree_flatten(named)
         tensors = tuple(x for x in leaves if isinstance(x, torch.Tensor))
         constants = tuple(TENSOR_SLOT if isinstance(x, torch.Tensor) else x for x in leaves)
-        key = (
-            spec,
-            tuple(_leaf_key(x) for x in leaves),
-        )
+        key = (spec, tuple(_leaf_key(x) for x in leaves), _autocast_state(tensors))
         return Call(tensors, key, spec, constants, timestep, return_dict)
+
+
+def _autocast_state(tensors: tuple) -> Any:
+    # Export bakes autocast's casts into the graph, so they are part of the signature.
+    device_type = tensors[0].device.type if tensors else "cpu"
+    try:
+        return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
+    except RuntimeError:  # a device type without autocast (meta, ...)
+        return None
 
 
 def _first_tensor(named: dict) -> torch.Tensor | None:

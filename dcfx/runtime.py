@@ -149,7 +149,10 @@ class DeepCacheUNet(nn.Module):
             # a cache must not keep a full step's autograd graph alive.
             with torch.no_grad():
                 if entry.cache is None:
-                    entry.cache = torch.empty_like(feature)
+                    # A normal tensor even under inference_mode, so later calls outside it
+                    # may still write it.
+                    with torch.inference_mode(False):
+                        entry.cache = torch.empty_like(feature)
                 entry.cache.copy_(feature)
             entry.cache_generation = gen.index
         else:
@@ -181,9 +184,9 @@ class DeepCacheUNet(nn.Module):
     def _plan(self, num_steps: int, valid: Callable[[], bool]) -> None:
         """Start a generation of `num_steps` calls announced by a scheduler (`dcfx.enable`).
 
-        It lasts until the next plan (so a miscounted plan cannot leak into the next
-        generation) or until `valid()` turns false (the pipeline's scheduler was replaced).
-        A plan made before the generation's first call only corrects the step count.
+        It ends at the next plan, after `num_steps` calls, or when `valid()` turns false (the
+        pipeline's scheduler or U-Net was replaced); then automatic boundaries take over. A
+        plan made before the generation's first call only corrects the step count.
         """
         self._plan_valid = valid
         if self._gen.planned and self._gen.step == 0:
@@ -196,7 +199,7 @@ class DeepCacheUNet(nn.Module):
         gen = self._gen
         if gen.explicit:
             if gen.planned:
-                if self._plan_valid():
+                if gen.step < gen.num_steps and self._plan_valid():
                     return False
             elif gen.remaining is None:
                 return False
@@ -274,10 +277,16 @@ class DeepCacheUNet(nn.Module):
         full, shallow = graphs
         return _Entry(cap, LazyGraph(full, self._dc_config, "full"), LazyGraph(shallow, self._dc_config, "shallow"))
 
-    def _check_fingerprint(self) -> None:
-        # Once per generation: a U-Net whose parameters were moved, cast, replaced or added
-        # (e.g. .to(), LoRA layers) since the graphs were captured gets fresh captures.
-        fp = _fingerprint(self.unet)
+    def _check_fingerprint(self, state: bool = True) -> None:
+        # A U-Net whose parameters were moved, cast, replaced or added (.to(), LoRA layers),
+        # or, checked once per generation, whose module state changed (FreeU factors,
+        # attention processors, adapter flags) since the graphs were captured is recaptured.
+        params = _param_fingerprint(self.unet)
+        if state or self._fingerprint is None:
+            digest = _state_digest(self.unet)
+        else:
+            digest = self._fingerprint[1]
+        fp = (params, digest)
         if fp != self._fingerprint:
             self._entries.clear()
             stale = _SHARED.get(self.unet)
@@ -287,11 +296,12 @@ class DeepCacheUNet(nn.Module):
             self._fingerprint = fp
 
     def _apply(self, fn, recurse=True):
-        # .to(), .half(), ... : shapes, dtypes and devices baked into the graphs change.
-        self._entries.clear()
-        self._fingerprint = None
-        self._gen.checked = False
-        return super()._apply(fn, recurse)
+        # .to(), .half(), ...: graphs bake in dtypes and devices, so a real change recaptures;
+        # a no-op move (CPU offload hooks call .to() before every forward) keeps everything.
+        result = super()._apply(fn, recurse)
+        if self._fingerprint is not None:
+            self._check_fingerprint(state=False)
+        return result
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -303,10 +313,33 @@ class DeepCacheUNet(nn.Module):
             return getattr(modules["unet"], name)
 
 
-def _fingerprint(module: nn.Module) -> tuple:
+def _param_fingerprint(module: nn.Module) -> tuple:
     # Not data pointers: graphs read the parameters through the same Parameter objects, so
     # weights moved away and back (CPU offload) need no new capture; a device change does.
     return (module.training,) + tuple(
         (name, id(t), t.dtype, t.device, tuple(t.shape))
         for name, t in (*module.named_parameters(), *module.named_buffers())
     )
+
+
+_SCALARS = (bool, int, float, str, type(None))
+# nn.Module bookkeeping that the parameter fingerprint or nothing at all depends on.
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+
+
+def _state_digest(module: nn.Module) -> tuple:
+    """The non-tensor state of every submodule a capture may have baked in."""
+    out = []
+    for name, m in module.named_modules():
+        for key, value in m.__dict__.items():
+            if key in _MODULE_INTERNALS:
+                continue
+            if isinstance(value, _SCALARS):
+                out.append((name, key, value))
+            elif isinstance(value, (tuple, list)) and all(isinstance(v, _SCALARS) for v in value):
+                out.append((name, key, tuple(value)))
+            elif isinstance(value, dict) and all(isinstance(v, _SCALARS) for v in value.values()):
+                out.append((name, key, tuple(sorted(value.items(), key=repr))))
+            elif not isinstance(value, (torch.Tensor, nn.Module, dict, list, tuple)):
+                out.append((name, key, id(value)))  # e.g. an attention processor object
+    return tuple(out)

@@ -463,6 +463,26 @@ def _cat_group_norm_silu_fake(cached, skip, weight, bias, num_groups, eps):
     )
 
 
+def _setup_backward(ctx, inputs, output):
+    cached, skip, weight, bias, num_groups, eps = inputs
+    ctx.save_for_backward(cached, skip, weight, bias)
+    ctx.num_groups, ctx.eps = num_groups, eps
+
+
+def _backward(ctx, grad):
+    # Recompute through the reference: DeepCache is inference-first, and this keeps the
+    # gradient exactly that of cat + group_norm + silu.
+    inputs = [t.detach().requires_grad_(needs) for t, needs in zip(ctx.saved_tensors, ctx.needs_input_grad)]
+    with torch.enable_grad():
+        out = cat_group_norm_silu_reference(*inputs, ctx.num_groups, ctx.eps)
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
+    return (*(next(grads) if t.requires_grad else None for t in inputs), None, None)
+
+
+_cat_group_norm_silu_op.register_autograd(_backward, setup_context=_setup_backward)
+
+
 def cat_group_norm_silu(cached, skip, weight, bias, num_groups, eps=1e-5):
     """silu(group_norm(cat([cached, skip], 1), ...)) via torch.ops.dcfx.cat_group_norm_silu."""
     return torch.ops.dcfx.cat_group_norm_silu(cached, skip, weight, bias, num_groups, eps)

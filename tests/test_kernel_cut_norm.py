@@ -261,3 +261,12 @@ def test_kill_switch_cuda(monkeypatch):
     out = cat_group_norm_silu(cached, skip, weight, bias, 4, EPS)
     assert torch.equal(out, cat_group_norm_silu_reference(cached, skip, weight, bias, 4, EPS))
 
+
+
+def test_op_gradient_matches_the_reference():
+    g = torch.Generator().manual_seed(0)
+    args = [
+        torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+        for shape in ((2, 6, 3, 3), (2, 10, 3, 3), (16,), (16,))
+    ]
+    assert torch.autograd.gradcheck(lambda *a: cat_group_norm_silu(*a, 4, EPS), args)

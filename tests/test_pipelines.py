@@ -282,22 +282,64 @@ def test_disable_restores_unet_and_scheduler(components, embeds):
 
     fast = dcfx.enable(pipe, interval=2)
     assert pipe.unet is fast and fast.unet is unet
-    assert {"set_timesteps", "set_begin_index"} <= set(vars(scheduler))
+    assert isinstance(scheduler, cls) and type(scheduler) is not cls
+    assert type(scheduler).__name__ == cls.__name__  # what configs and reprs show
     fast2 = dcfx.enable(pipe, interval=3)  # again: replaces, does not stack
     assert fast2.unet is unet and pipe.unet is fast2
-    assert scheduler.set_timesteps.__wrapped__.__func__ is cls.set_timesteps
+    assert type(scheduler).__bases__ == (cls,)
     generate(pipe, embeds, 3)
     assert fast2.history == (uniform(5, 3),)
 
     assert dcfx.disable(pipe) is unet
     assert pipe.unet is unet
+    assert type(scheduler) is cls
     assert "set_timesteps" not in vars(scheduler) and "set_begin_index" not in vars(scheduler)
-    assert scheduler.set_timesteps.__func__ is cls.set_timesteps
-    assert scheduler.set_begin_index.__func__ is cls.set_begin_index
-    assert not hasattr(scheduler, "_dcfx_patched")
     torch.testing.assert_close(generate(pipe, embeds, 3), plain, rtol=0, atol=0)
     assert fast2.history == (uniform(5, 3),)  # no longer called
     assert dcfx.disable(pipe) is unet  # a second disable is a no-op
 
     pipe.unet = dcfx.optimize(unet, interval=2)  # optimize without enable: disable undoes it too
     assert dcfx.disable(pipe) is unet and pipe.unet is unet
+
+
+def test_two_pipelines_sharing_a_scheduler_each_keep_their_boundaries(components, embeds):
+    pipe = make_pipe(components, "ddim")
+    i2i = img2img_of(pipe)  # shares the U-Net and the scheduler object
+    fast = dcfx.enable(pipe, interval=3)
+    generate(pipe, embeds, 5)
+    dcfx.enable(i2i, interval=3)  # must not unhook the scheduler for `pipe`
+    generate(pipe, embeds, 4, seed=1)
+    generate(pipe, embeds, 5, seed=2)
+    assert fast.history == ("FSSFS", "FSSF", "FSSFS")
+    dcfx.disable(i2i)  # nor must this
+    generate(pipe, embeds, 4, seed=3)
+    assert fast.history[-1] == "FSSF"
+
+
+def test_calls_past_the_announced_generation_start_a_new_one(components, embeds):
+    pipe = make_pipe(components, "ddim")
+    fast = dcfx.enable(pipe, interval=3)
+    generate(pipe, embeds, 5)
+    # The user's own loop after the pipeline: its first call must not reuse the cache.
+    unet = components["unet"]
+    x = torch.randn(2, 4, 8, 8)
+    e = torch.cat([embeds[0], embeds[0]])
+    with torch.no_grad():
+        out = fast(x, 500, encoder_hidden_states=e).sample
+        expected = unet(x, 500, encoder_hidden_states=e).sample
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    assert fast.history[-2:] == ("FSSFS", "F")
+
+
+def test_hooked_scheduler_copies_and_pickles_as_a_plain_one(components):
+    import copy
+    import pickle
+
+    pipe = make_pipe(components, "ddim")
+    cls = type(pipe.scheduler)
+    dcfx.enable(pipe, interval=3)
+    pipe.scheduler.set_timesteps(5)
+    for clone in (copy.deepcopy(pipe.scheduler), pickle.loads(pickle.dumps(pipe.scheduler))):
+        assert type(clone) is cls
+        clone.set_timesteps(7)
+        assert len(clone.timesteps) == 7 and len(pipe.scheduler.timesteps) == 5

@@ -668,3 +668,51 @@ def test_unknown_option_names_the_valid_fields(unet):
         dcfx.optimize(unet, intervall=3)
     with pytest.raises(TypeError, match="not both"):
         dcfx.optimize(unet, dcfx.DeepCacheConfig(), interval=2)
+
+
+def test_noop_moves_keep_the_cache(unet, inputs):
+    # CPU-offload hooks call .to(device) before every forward: caching must survive it.
+    x, e = inputs
+    fast = dcfx.optimize(unet, interval=3)
+    for t in (900, 800, 700, 600, 500, 400):
+        fast.to("cpu")
+        run(fast, x, t, e)
+    assert fast.history == ("FSSFSS",)
+
+
+def test_cache_made_under_inference_mode_works_outside_it(unet, inputs):
+    x, e = inputs
+    fast = dcfx.optimize(unet, interval=2)
+    with torch.inference_mode():
+        fast(x, 900, e), fast(x, 800, e)
+    run(fast, x, 900, e), run(fast, x, 800, e)
+    assert fast.history == ("FS", "FS")
+
+
+def test_autocast_is_part_of_the_signature(unet, inputs):
+    x, e = inputs
+    fast = dcfx.optimize(unet, interval=2)
+    run(fast, x, 900, e)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run(fast, x, 800, e)  # a new capture: runs full, no dtype clash
+        expected = run(unet, x, 800, e)
+    assert len(fast._entries) == 2
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_changed_module_state_is_recaptured(inputs):
+    # FreeU changes scalar attributes of the up blocks, no parameter: the next generation
+    # must see it.
+    unet = tiny_unet(seed=0)
+    x, e = inputs
+    fast = dcfx.optimize(unet, interval=2)
+    run(fast, x, 900, e), run(fast, x, 800, e)
+    unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    torch.testing.assert_close(run(fast, x, 900, e), run(unet, x, 900, e), rtol=0, atol=0)
+    unet.disable_freeu()  # checked at the next generation (a larger timestep starts one)
+    torch.testing.assert_close(run(fast, x, 950, e), run(unet, x, 950, e), rtol=0, atol=0)
+
+
+def test_variadic_forward_is_rejected_with_a_hint(unet):
+    with pytest.raises(TypeError, match=r"_orig_mod.*compile=True"):
+        dcfx.optimize(torch.compile(unet))

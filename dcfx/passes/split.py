@@ -63,11 +63,15 @@ def find_skips(graph: fx.Graph) -> list[Skip]:
         if pair is None:
             continue
         a, b = pair
+        options = []
         for skip, hidden in ((b, a), (a, b)):
-            source = _skip_source(skip, hidden, order)
+            source = _skip_source(skip, _ancestors(hidden), order)
             if source is not None:
-                found.append((source, skip, hidden, node))
-                break
+                options.append((len(_ancestors(skip)), source, skip, hidden))
+        if options:
+            # Both ways may share ancestors; the skip is the shallower operand.
+            _, source, skip, hidden = min(options, key=lambda o: o[0])
+            found.append((source, skip, hidden, node))
     found.sort(key=lambda f: order[f[0]])
     return [Skip(i, s, h, c) for i, (_, s, h, c) in enumerate(found)]
 
@@ -145,31 +149,36 @@ def _channel_concat_pair(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return tensors[0], tensors[1]
 
 
-def _skip_source(skip: fx.Node, hidden: fx.Node, order: dict[fx.Node, int]) -> fx.Node | None:
-    """The down-path tensor behind concat operand `skip`, if `hidden` depends on it.
+def _skip_source(skip: fx.Node, hidden_ancestors: set[fx.Node], order: dict[fx.Node, int]) -> fx.Node | None:
+    """The down-path tensor behind concat operand `skip` that the other operand depends on.
 
-    `skip` itself, or a term of a sum that makes `skip` (residuals added to the skips).
+    `skip` itself, or, when the skip is modified on its way to the concatenation (ControlNet
+    adds residuals, FreeU filters it), the tensor of the same shape the modification starts
+    from: walking back from `skip` until the other operand's ancestors, the latest one met.
     """
-    stack = [skip]
+    if skip in hidden_ancestors:
+        return skip
+    shape = _shape(skip)
+    stack, seen, met = [skip], {skip}, []
     while stack:
-        n = stack.pop()
-        if _is_ancestor(n, hidden, order):
-            return n
-        if n.op == "call_function" and n.target is torch.ops.aten.add.Tensor:
-            stack.extend(a for a in n.args[:2] if isinstance(a, fx.Node))
-    return None
+        for i in stack.pop().all_input_nodes:
+            if i not in seen:
+                seen.add(i)
+                (met if i in hidden_ancestors else stack).append(i)
+    matching = [n for n in met if shape is not None and _shape(n) == shape]
+    return max(matching, key=order.__getitem__, default=None)
 
 
-def _is_ancestor(ancestor: fx.Node, node: fx.Node, order: dict[fx.Node, int]) -> bool:
-    # Walk back from `node`, never past `ancestor`'s position in topological order.
-    floor = order[ancestor]
-    stack, seen = [node], {node}
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, stack = set(), [node]
     while stack:
-        n = stack.pop()
-        if n is ancestor:
-            return True
-        for i in n.all_input_nodes:
-            if i not in seen and order[i] >= floor:
+        for i in stack.pop().all_input_nodes:
+            if i not in seen:
                 seen.add(i)
                 stack.append(i)
-    return False
+    return seen
+
+
+def _shape(node: fx.Node) -> tuple | None:
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
