@@ -27,7 +27,7 @@ def build_unet(size: str) -> UNet2DConditionModel:
         layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-        cross_attention_dim=widths[0],
+        cross_attention_dim=768 if size == "sd15" else widths[0],
         norm_num_groups=32 if widths[0] >= 64 else 8,
         attention_head_dim=8,
     ).eval()
