@@ -130,7 +130,7 @@ def _img2img_start(scheduler: Any, timesteps: Any) -> None:
     if getattr(scheduler, "begin_index", None) is not None:
         return
     listeners = [x.unet() for x in _LISTENERS.get(scheduler, ())]
-    if not any(u is not None and u._gen.planned and u._gen.step == 0 for u in listeners):
+    if not any(u is not None and u._awaits_planned_start() for u in listeners):
         return
     schedule = getattr(scheduler, "timesteps", None)
     if isinstance(schedule, torch.Tensor) and isinstance(timesteps, torch.Tensor) and timesteps.numel():

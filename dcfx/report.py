@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .capture import CallBinder, capture
 from .config import DeepCacheConfig
-from .passes.fuse import fuse_cut, fusion_disabled
+from .passes import deepcache_graphs, pass_options
 from .passes.split import find_skips, split
 from .runtime import DeepCacheUNet
 from .schedule import StepSchedule
@@ -111,17 +111,14 @@ def report(
         split(gm, 0)  # raises the "no skip connections" error
     chosen = tuple(range(num_skips)) if branches is None else tuple(branches)
     num_full = len(StepSchedule(config).full_steps(num_steps))
-    fuse = config.fuse_cut and not fusion_disabled()
+    fuse = pass_options(config)[1]
     rows = []
     with torch.no_grad():
         for b in chosen:
-            graphs = split(gm, b)  # validates b
-            shallow = fuse_cut(graphs.shallow) if fuse else graphs.shallow
-            full_flops, outputs = _count(graphs.full, call.tensors)
+            full, shallow = deepcache_graphs(gm, b, fuse)  # validates b
+            full_flops, outputs = _count(full, call.tensors)
             shallow_flops, _ = _count(shallow, (*call.tensors, outputs[-1]))
-            rows.append(
-                BranchReport(b, full_flops, shallow_flops, _ops(graphs.full), _ops(shallow), num_steps, num_full)
-            )
+            rows.append(BranchReport(b, full_flops, shallow_flops, _ops(full), _ops(shallow), num_steps, num_full))
     return Report(type(unet).__name__, num_skips, config, num_steps, tuple(rows))
 
 

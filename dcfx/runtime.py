@@ -34,8 +34,7 @@ from torch import nn
 from .capture import Call, CallBinder, Capture, capture
 from .compile import LazyGraph
 from .config import DeepCacheConfig
-from .passes.fuse import fuse_cut, fusion_disabled
-from .passes.split import split
+from .passes import deepcache_graphs, pass_options
 from .schedule import StepSchedule
 
 # Captures and split graphs depend only on the U-Net, the call signature and the branch, so
@@ -60,8 +59,7 @@ class _Entry:
 class _Generation:
     index: int = 0
     step: int = 0  # calls made so far in this generation
-    num_steps: int | None = None  # known in explicit mode
-    remaining: int | None = None  # explicit mode: calls left before auto mode resumes
+    num_steps: int | None = None  # explicit mode: its length (None: until the next begin)
     explicit: bool = False
     planned: bool = False  # started by a pipeline's scheduler (dcfx.enable)
     checked: bool = False  # the U-Net's fingerprint was checked in this generation
@@ -173,13 +171,7 @@ class DeepCacheUNet(nn.Module):
     def _start_generation(self, explicit: bool, num_steps: int | None = None, planned: bool = False) -> None:
         if self._gen.log:
             self._history.append("".join(self._gen.log))
-        self._gen = _Generation(
-            index=self._gen.index + 1,
-            num_steps=num_steps,
-            remaining=None if planned else num_steps,
-            explicit=explicit,
-            planned=planned,
-        )
+        self._gen = _Generation(index=self._gen.index + 1, num_steps=num_steps, explicit=explicit, planned=planned)
 
     def _plan(self, num_steps: int, valid: Callable[[], bool]) -> None:
         """Start a generation of `num_steps` calls announced by a scheduler (`dcfx.enable`).
@@ -189,24 +181,23 @@ class DeepCacheUNet(nn.Module):
         plan made before the generation's first call only corrects the step count.
         """
         self._plan_valid = valid
-        if self._gen.planned and self._gen.step == 0:
+        if self._awaits_planned_start():
             self._gen.num_steps = num_steps
         else:
             self._start_generation(explicit=True, num_steps=num_steps, planned=True)
+
+    def _awaits_planned_start(self) -> bool:
+        """A scheduler planned a generation whose first call has not come yet."""
+        return self._gen.planned and self._gen.step == 0
 
     def _advance(self, call: Call) -> bool:
         """Move to this call's place in the generations; True if it must run full anyway."""
         gen = self._gen
         if gen.explicit:
-            if gen.planned:
-                if gen.step < gen.num_steps and self._plan_valid():
-                    return False
-            elif gen.remaining is None:
+            within = gen.num_steps is None or gen.step < gen.num_steps
+            if within and (not gen.planned or self._plan_valid()):
                 return False
-            elif gen.remaining > 0:
-                gen.remaining -= 1
-                return False
-            # The planned generation is over, or its planner is gone: read timesteps again.
+            # The explicit generation is over, or its planner is gone: read timesteps again.
             self._start_generation(explicit=False)
             gen = self._gen
         t = self._host_timestep(call)
@@ -267,13 +258,11 @@ class DeepCacheUNet(nn.Module):
         cap = shared.get(key)
         if cap is None:
             cap = shared[key] = capture(self.unet, call)
-        fuse = self._dc_config.fuse_cut and not fusion_disabled()
-        graphs_key = (self._fingerprint, call.key, (self._dc_config.branch, fuse))
+        options = pass_options(self._dc_config)
+        graphs_key = (self._fingerprint, call.key, options)
         graphs = shared.get(graphs_key)
         if graphs is None:
-            split_graphs = split(cap.graph_module, self._dc_config.branch)
-            shallow = fuse_cut(split_graphs.shallow) if fuse else split_graphs.shallow
-            graphs = shared[graphs_key] = (split_graphs.full, shallow)
+            graphs = shared[graphs_key] = deepcache_graphs(cap.graph_module, *options)
         full, shallow = graphs
         return _Entry(cap, LazyGraph(full, self._dc_config, "full"), LazyGraph(shallow, self._dc_config, "shallow"))
 

@@ -100,6 +100,16 @@ if triton is not None:
         return x.to(tl.float32)
 
     @triton.jit
+    def _channel_chunk(g, pid_c, CHANNELS_PER_GROUP, CHANNEL_ALIGN: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Channels [c_lo, c_hi) of chunk pid_c of group g: (c_lo, c_hi, c [BLOCK_C], mask)."""
+        # CHANNEL_ALIGN divides the group size and C1: telling Triton lets it vectorize
+        # loads along channels when C is the contiguous axis (channels_last).
+        c_lo = tl.multiple_of(g * CHANNELS_PER_GROUP + pid_c * BLOCK_C, CHANNEL_ALIGN)
+        c_hi = tl.multiple_of(tl.minimum(c_lo + BLOCK_C, (g + 1) * CHANNELS_PER_GROUP), CHANNEL_ALIGN)
+        c = c_lo + tl.arange(0, BLOCK_C)
+        return c_lo, c_hi, c, c < c_hi
+
+    @triton.jit
     def _cat_group_norm_silu_stats_kernel(
         cached_ptr,  # [N, C1, H, W]
         skip_ptr,  # [N, C2, H, W]
@@ -125,12 +135,7 @@ if triton is not None:
         n = pid_ng // NUM_GROUPS
         g = pid_ng % NUM_GROUPS
 
-        # CHANNEL_ALIGN divides the group size and C1: telling Triton lets it vectorize
-        # loads along channels when C is the contiguous axis (channels_last).
-        c_lo = tl.multiple_of(g * CHANNELS_PER_GROUP + pid_c * BLOCK_C, CHANNEL_ALIGN)
-        c_hi = tl.multiple_of(tl.minimum(c_lo + BLOCK_C, (g + 1) * CHANNELS_PER_GROUP), CHANNEL_ALIGN)
-        c = c_lo + tl.arange(0, BLOCK_C)
-        c_mask = c < c_hi
+        c_lo, c_hi, c, c_mask = _channel_chunk(g, pid_c, CHANNELS_PER_GROUP, CHANNEL_ALIGN, BLOCK_C)
         hw_lo = pid_s * HW_PER_SPLIT
         hw_hi = tl.minimum(hw_lo + HW_PER_SPLIT, HW)
 
@@ -225,12 +230,7 @@ if triton is not None:
         var = (tl.sum(p_m2, axis=0) + tl.sum(p_count * dev * dev, axis=0)) / count
         rstd = tl.math.rsqrt(var + eps)
 
-        # CHANNEL_ALIGN divides the group size and C1: telling Triton lets it vectorize
-        # loads along channels when C is the contiguous axis (channels_last).
-        c_lo = tl.multiple_of(g * CHANNELS_PER_GROUP + pid_c * BLOCK_C, CHANNEL_ALIGN)
-        c_hi = tl.multiple_of(tl.minimum(c_lo + BLOCK_C, (g + 1) * CHANNELS_PER_GROUP), CHANNEL_ALIGN)
-        c = c_lo + tl.arange(0, BLOCK_C)
-        c_mask = c < c_hi
+        c_lo, c_hi, c, c_mask = _channel_chunk(g, pid_c, CHANNELS_PER_GROUP, CHANNEL_ALIGN, BLOCK_C)
         weight = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
         bias = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
         scale = weight * rstd

@@ -3,7 +3,8 @@
 import pytest
 import torch
 import torch._dynamo
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from _tiny_unet import tiny_unet
+from diffusers import DDIMScheduler
 
 import dcfx
 from dcfx.passes.fuse import FUSED_OP
@@ -11,17 +12,7 @@ from dcfx.passes.fuse import FUSED_OP
 
 @pytest.mark.compile
 def test_compiled_graphs_equal_eager_and_never_recompile():
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=8,
-        attention_head_dim=8,
-    ).eval()
+    unet = tiny_unet(seed=0)
     compiled = dcfx.optimize(unet, interval=3, branch=1, compile=True)
     eager = dcfx.optimize(unet, interval=3, branch=1)
     scheduler = DDIMScheduler()

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from _tiny_unet import tiny_unet
+from diffusers import DDIMScheduler
 
 import dcfx
 
@@ -10,21 +11,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _unet(device="cpu", dtype=torch.float32):
-    torch.manual_seed(0)
-    return (
-        UNet2DConditionModel(
-            sample_size=8,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            norm_num_groups=8,
-            attention_head_dim=8,
-        )
-        .eval()
-        .to(device, dtype)
-    )
+    return tiny_unet(seed=0).to(device, dtype)
 
 
 def test_explicit_generations_never_read_the_device(monkeypatch):

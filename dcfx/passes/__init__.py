@@ -1,0 +1,20 @@
+"""Graph passes: split (full and shallow graph), then fuse (the shallow graph's cut point)."""
+
+from __future__ import annotations
+
+from torch import fx
+
+from ..config import DeepCacheConfig
+from .fuse import fuse_cut, fusion_disabled
+from .split import split
+
+
+def pass_options(config: DeepCacheConfig) -> tuple[int, bool]:
+    """(branch, fuse) as the passes apply them: DCFX_DISABLE_FUSION=1 overrides fuse_cut."""
+    return config.branch, config.fuse_cut and not fusion_disabled()
+
+
+def deepcache_graphs(gm: fx.GraphModule, branch: int, fuse: bool) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """The full and the (optionally fused) shallow graph of captured graph `gm`."""
+    graphs = split(gm, branch)
+    return graphs.full, fuse_cut(graphs.shallow) if fuse else graphs.shallow
