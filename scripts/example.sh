@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Sets everything up on a fresh machine, then runs the end-to-end example (python -m dcfx):
+# Sets everything up on a fresh machine, then runs `dcfx example`:
 # DeepCache on a random-weight SD-shaped U-Net, printing each step's graph, FLOPs and times.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m dcfx "$@"
+exec .venv/bin/dcfx example "$@"
