@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .capture import CallBinder, capture
 from .config import DeepCacheConfig
 from .passes import deepcache_graphs, pass_options
-from .passes.split import find_skips, split
+from .passes.split import CACHED_OUTPUTS, find_skips, split
 from .runtime import DeepCacheUNet
 from .schedule import StepSchedule
 
@@ -117,7 +117,8 @@ def report(
         for b in chosen:
             full, shallow = deepcache_graphs(gm, b, fuse)  # validates b
             full_flops, outputs = _count(full, call.tensors)
-            shallow_flops, _ = _count(shallow, (*call.tensors, outputs[-1]))
+            cached = full.meta.get(CACHED_OUTPUTS, 1)
+            shallow_flops, _ = _count(shallow, (*call.tensors, *outputs[-cached:]))
             rows.append(BranchReport(b, full_flops, shallow_flops, _ops(full), _ops(shallow), num_steps, num_full))
     return Report(type(unet).__name__, num_skips, config, num_steps, tuple(rows))
 

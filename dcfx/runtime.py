@@ -35,6 +35,7 @@ from .capture import Call, CallBinder, Capture, capture
 from .compile import LazyGraph
 from .config import DeepCacheConfig
 from .passes import deepcache_graphs, pass_options
+from .passes.split import CACHED_OUTPUTS
 from .schedule import StepSchedule
 
 # Captures and split graphs depend only on the U-Net, the call signature and the branch, so
@@ -51,7 +52,10 @@ class _Entry:
     capture: Capture
     full: LazyGraph
     shallow: LazyGraph
-    cache: torch.Tensor | None = None
+    # The full graph's last `num_cached` outputs (the feature, then e.g. its statistics),
+    # copied into these buffers on full steps and passed in order to the shallow graph.
+    num_cached: int = 1
+    cache: list[torch.Tensor] | None = None
     cache_generation: int = -1
 
 
@@ -142,19 +146,21 @@ class DeepCacheUNet(nn.Module):
         entry = self._entry(call)
         full = force_full or entry.cache_generation != gen.index or self._schedule.is_full(gen.step, gen.num_steps)
         if full:
-            *outputs, feature = entry.full(*call.tensors)
-            # Same storage every time, so a captured shallow step reads this buffer. Detached:
+            outputs = entry.full(*call.tensors)
+            outputs, cached = outputs[: -entry.num_cached], outputs[-entry.num_cached :]
+            # Same storage every time, so a captured shallow step reads these buffers. Detached:
             # a cache must not keep a full step's autograd graph alive.
             with torch.no_grad():
                 if entry.cache is None:
-                    # A normal tensor even under inference_mode, so later calls outside it
-                    # may still write it.
+                    # Normal tensors even under inference_mode, so later calls outside it
+                    # may still write them.
                     with torch.inference_mode(False):
-                        entry.cache = torch.empty_like(feature)
-                entry.cache.copy_(feature)
+                        entry.cache = [torch.empty_like(t) for t in cached]
+                for buffer, t in zip(entry.cache, cached):
+                    buffer.copy_(t)
             entry.cache_generation = gen.index
         else:
-            outputs = entry.shallow(*call.tensors, entry.cache)
+            outputs = entry.shallow(*call.tensors, *entry.cache)
         gen.step += 1
         gen.log.append("F" if full else "S")
         result = pytree.tree_unflatten(list(outputs), entry.capture.out_spec)
@@ -264,7 +270,10 @@ class DeepCacheUNet(nn.Module):
         if graphs is None:
             graphs = shared[graphs_key] = deepcache_graphs(cap.graph_module, *options)
         full, shallow = graphs
-        return _Entry(cap, LazyGraph(full, self._dc_config, "full"), LazyGraph(shallow, self._dc_config, "shallow"))
+        return _Entry(
+            cap, LazyGraph(full, self._dc_config, "full"), LazyGraph(shallow, self._dc_config, "shallow"),
+            num_cached=full.meta.get(CACHED_OUTPUTS, 1),
+        )
 
     def _check_fingerprint(self, state: bool = True) -> None:
         # A U-Net whose parameters were moved, cast, replaced or added (.to(), LoRA layers),

@@ -1,17 +1,111 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, in one go: the CUDA tests, then the benchmarks whose numbers
-# belong in the README. Run it where CUDA and dcfx's test dependencies are installed (e.g.
-# after scripts/setup.sh with a CUDA build of torch). Each step prints its own table.
-set -euo pipefail
+# Every check that needs a GPU, in one run of under 10 minutes on the lent machine (Python
+# 3.12, torch 2.11, triton 3.6, no diffusers, no network): install the carried wheels and dcfx,
+# run the CUDA tests, bench_kernels.py and the end-to-end benchmarks, write every table to
+# $OUT (default ./gpu_results), print a summary table last.
+#
+# Prepare here, once (the wheels are not in git; .whl/ is ignored locally):
+#   mkdir -p .git/info .whl && echo /.whl/ >> .git/info/exclude && cp ../shared/device/wheels/*.whl .whl/
+# then run it through the device tool with carry [".whl"]:  bash scripts/gpu_check.sh
+#
+# Each stage has its own time limit (a cold compile must not eat the rest) and the script
+# goes on after a failure; the summary says what failed. Without a GPU:
+#   bash scripts/gpu_check.sh --dry-run
+# rehearses every stage on the CPU with tiny sizes (CUDA tests skip, CUDA-only variants are
+# left out), so that only the GPU itself can fail on the lent machine.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
-"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
-"$PY" -m pytest -q -m cuda tests
-"$PY" benchmarks/bench_kernels.py --dtype fp16
-"$PY" benchmarks/bench_kernels.py --dtype fp16 --channels-last
-E2E=(--size sd15 --resolution 64 --steps 50 --interval 3 --dtype fp16 --branches 0 2)
-"$PY" benchmarks/bench_e2e.py "${E2E[@]}"
-"$PY" benchmarks/bench_e2e.py "${E2E[@]}" --cuda-graph
-"$PY" benchmarks/bench_e2e.py "${E2E[@]}" --compile
-"$PY" benchmarks/bench_e2e.py "${E2E[@]}" --compile --cuda-graph
-"$PY" benchmarks/bench_e2e.py "${E2E[@]}" --compile --compile-mode reduce-overhead
+
+DRY_RUN=0
+[[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1
+OUT=${OUT:-./gpu_results}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+# Seconds for all stages together (the device allows 600 per command); a CPU rehearsal is
+# slower, so its limits are stretched.
+if (( DRY_RUN )); then BUDGET=${GPU_CHECK_BUDGET:-3600}; STRETCH=10; else BUDGET=${GPU_CHECK_BUDGET:-560}; STRETCH=1; fi
+STATUS="$OUT/stages.tsv"
+printf 'stage\tstatus\tseconds\toutput\n' > "$STATUS"
+
+if (( DRY_RUN )); then
+    PY=${PYTHON:-.venv/bin/python}
+else
+    PY=${PYTHON:-python3}
+fi
+
+# stage NAME LIMIT_S COMMAND...: run with a limit (cut to what is left of the budget), log to
+# $OUT/NAME.txt, record the outcome, never abort the script.
+stage() {
+    local name=$1 limit=$(( $2 * STRETCH ))
+    shift 2
+    local left=$(( BUDGET - SECONDS ))
+    (( limit > left )) && limit=$left
+    if (( limit < 10 )); then
+        printf '%s\tskipped (budget)\t0\t-\n' "$name" >> "$STATUS"
+        return
+    fi
+    echo "=== $name (limit ${limit}s) ==="
+    local start=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"
+    local rc=${PIPESTATUS[0]} status=ok
+    (( rc == 124 || rc == 137 )) && status="timeout"
+    (( rc != 0 && rc != 124 && rc != 137 )) && status="failed (rc $rc)"
+    printf '%s\t%s\t%d\t%s\n' "$name" "$status" $(( SECONDS - start )) "$name.txt" >> "$STATUS"
+}
+
+install_deps() {
+    if (( DRY_RUN )); then
+        # Rehearse the wheel install into a scratch folder; keep the CPU environment as it is.
+        local scratch
+        scratch=$(mktemp -d)
+        "$PY" -m pip install -q --no-index --no-deps --target "$scratch" .whl/*.whl && ls "$scratch" | head -5
+        rm -rf "$scratch"
+    else
+        "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || return 1
+        "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || return 1
+    fi
+    "$PY" -c "import torch, triton, diffusers, DeepCache, dcfx; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
+}
+export -f install_deps
+export PY DRY_RUN
+(( DRY_RUN )) || export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+# Inductor's on-disk cache inside $OUT would not come back (too many files); keep it local.
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/dcfx_inductor}
+
+if (( DRY_RUN )); then
+    SD=(--size tiny --resolution 8 --steps 4 --device cpu --dtype fp32 --repeats 1)
+    XL=(--size sdxl-tiny --resolution 8 --steps 4 --device cpu --dtype fp32 --repeats 1)
+    EAGER=(eager reference dcfx)
+    COMPILED=(compile dcfx-compile)
+    XL_VARIANTS=(eager reference dcfx)
+    KERNEL_BENCH=(--estimate-only)
+else
+    SD=(--size sd15 --resolution 64 --steps 50 --device cuda --dtype fp16 --repeats 3)
+    XL=(--size sdxl --resolution 128 --steps 30 --device cuda --dtype fp16 --repeats 2)
+    EAGER=(eager reference cudagraph dcfx dcfx-cudagraph)
+    COMPILED=(compile dcfx-compile)
+    XL_VARIANTS=(eager reference dcfx dcfx-cudagraph)
+    KERNEL_BENCH=(--rep 50)
+fi
+
+# Most valuable first: a stage cut by the budget loses only what comes after it.
+stage install 60 bash -c install_deps
+stage tests_cuda 120 "$PY" -m pytest -q -m "cuda and not compile" tests/test_kernel_cut_norm.py tests/test_cuda_reference.py tests/test_cuda_graphs.py
+stage bench_kernels 60 "$PY" benchmarks/bench_kernels.py --dtype fp16 "${KERNEL_BENCH[@]}"
+stage e2e_sd15 80 "$PY" benchmarks/bench_e2e.py "${SD[@]}" --interval 3 --branches 0 --variants "${EAGER[@]}" --out "$OUT/e2e_sd15.table"
+# Cold compiles of the SD1.5 U-Net (plain, and dcfx's full + shallow graphs) dominate here.
+stage e2e_sd15_compiled 220 "$PY" benchmarks/bench_e2e.py "${SD[@]}" --repeats 2 --interval 3 --branches 0 --variants "${COMPILED[@]}" --out "$OUT/e2e_sd15_compiled.table"
+stage e2e_sdxl 100 "$PY" benchmarks/bench_e2e.py "${XL[@]}" --interval 3 --branches 0 --variants "${XL_VARIANTS[@]}" --out "$OUT/e2e_sdxl.table"
+stage bench_kernels_channels_last 40 "$PY" benchmarks/bench_kernels.py --dtype fp16 --channels-last --cuts-only "${KERNEL_BENCH[@]}"
+stage tests_cuda_compile 120 "$PY" -m pytest -q -m "cuda and compile" tests/test_cuda_reference.py tests/test_cuda_graphs.py
+
+echo
+echo "=== summary ($(( SECONDS ))s; results in $OUT) ==="
+column -t -s $'\t' "$STATUS" 2>/dev/null || cat "$STATUS"
+for name in e2e_sd15 e2e_sdxl e2e_sd15_compiled; do
+    [[ -f "$OUT/$name.table" ]] && { echo; echo "[$name]"; cat "$OUT/$name.table"; }
+done
+for name in bench_kernels bench_kernels_channels_last; do
+    [[ -f "$OUT/$name.txt" ]] && { echo; echo "[$name]"; grep -E '^(SD|SDXL|shape|NVIDIA|H1|[A-Z].*copy bandwidth)' "$OUT/$name.txt"; }
+done
+exit 0

@@ -1,4 +1,5 @@
-"""Tests for the fused cat + GroupNorm + SiLU kernel and its `dcfx::cat_group_norm_silu` op.
+"""Tests for the fused cat + GroupNorm + SiLU kernels and the `dcfx::cat_group_norm_silu` and
+`dcfx::group_partial_stats` ops.
 
 Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1 and the Triton kernels run on CPU
 tensors through the interpreter; with a GPU the CUDA tests run the compiled kernels.
@@ -17,6 +18,10 @@ from dcfx.kernels.cut_norm import (
     cat_group_norm_silu,
     cat_group_norm_silu_reference,
     cat_group_norm_silu_triton,
+    cut_traffic,
+    group_partial_stats,
+    group_partial_stats_reference,
+    group_partial_stats_triton,
 )
 
 from dcfx.kernels import cut_norm as kernel_module
@@ -89,17 +94,154 @@ def test_triton_matches_reference_cpu(n, c1, c2, h, w, groups, cached_cl, skip_c
     _assert_matches(out, _expected(cached, skip, weight, bias, groups), rtol, atol)
 
 
+@pytest.fixture
+def two_pass(monkeypatch):
+    """Force the statistics + apply launches (the single-pass kernel takes small groups)."""
+    monkeypatch.setattr(kernel_module, "_SINGLE_PASS_ELEMENTS", 0)
+    kernel_module._cut_plan.cache_clear()
+    yield
+    kernel_module._cut_plan.cache_clear()
+
+
+def _stats_of(cached, skip, groups):
+    return group_partial_stats_triton(cached, (cached.shape[1] + skip.shape[1]) // groups)
+
+
+# The single-pass and the two-pass kernels, each without and with precomputed cached statistics.
+@needs_interpreter
+@pytest.mark.parametrize("with_stats", [False, True], ids=["stats_in_kernel", "cached_stats"])
+@pytest.mark.parametrize("n, c1, c2, h, w, groups, cached_cl, skip_cl", SHAPES)
+@pytest.mark.usefixtures("two_pass")
+def test_triton_two_pass_matches_reference_cpu(n, c1, c2, h, w, groups, cached_cl, skip_cl, with_stats):
+    cached, skip, weight, bias = _make_inputs(n, c1, c2, h, w, torch.float32, cached_cl=cached_cl, skip_cl=skip_cl)
+    stats = _stats_of(cached, skip, groups) if with_stats else None
+    out = cat_group_norm_silu_triton(cached, skip, weight, bias, groups, EPS, cached_stats=stats)
+    _assert_matches(out, _expected(cached, skip, weight, bias, groups), 1e-5, 1e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPES[:2])
+@pytest.mark.parametrize("n, c1, c2, h, w, groups, cached_cl, skip_cl", [SHAPES[1], SHAPES[4]])
+def test_triton_single_pass_cached_stats_cpu(n, c1, c2, h, w, groups, cached_cl, skip_cl, dtype, rtol, atol):
+    # The single-pass kernel reads the whole group anyway and ignores cached_stats.
+    cached, skip, weight, bias = _make_inputs(n, c1, c2, h, w, dtype, cached_cl=cached_cl, skip_cl=skip_cl)
+    assert kernel_module._plan_for(cached, skip, groups, True).single_pass
+    out = cat_group_norm_silu_triton(cached, skip, weight, bias, groups, EPS, cached_stats=_stats_of(cached, skip, groups))
+    _assert_matches(out, _expected(cached, skip, weight, bias, groups), rtol, atol)
+
+
 @needs_interpreter
 @pytest.mark.parametrize("target_programs", [1, 256])  # 1: one program loops over all hw; 256: hw split
-@pytest.mark.parametrize("cached_cl, skip_cl", [(False, False), (True, False)])
-def test_triton_pieces_merge_cpu(monkeypatch, target_programs, cached_cl, skip_cl):
+@pytest.mark.parametrize("cached_cl, skip_cl", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("with_stats", [False, True], ids=["stats_in_kernel", "cached_stats"])
+@pytest.mark.usefixtures("two_pass")
+def test_triton_pieces_merge_cpu(monkeypatch, target_programs, cached_cl, skip_cl, with_stats):
     # Tiny tiles force several channel chunks and hw pieces per group, with a chunk straddling
-    # the two inputs (C1=10, groups of 12), so the partial-statistics merge is exercised.
+    # the two inputs (C1=10, groups of 12), so the statistics merge is exercised.
     monkeypatch.setattr(kernel_module, "_TILE_ELEMENTS", 64)
-    monkeypatch.setattr(kernel_module, "_target_programs", lambda device: target_programs)
+    monkeypatch.setattr(kernel_module, "_MAX_TILE_CHANNELS", 16)
     cached, skip, weight, bias = _make_inputs(2, 10, 14, 8, 8, torch.float32, cached_cl=cached_cl, skip_cl=skip_cl)
-    out = cat_group_norm_silu_triton(cached, skip, weight, bias, 2, EPS)
+    monkeypatch.setattr(kernel_module, "_target_programs", lambda device: target_programs)
+    stats = _stats_of(cached, skip, 2) if with_stats else None
+    out = cat_group_norm_silu_triton(cached, skip, weight, bias, 2, EPS, cached_stats=stats)
     _assert_matches(out, _expected(cached, skip, weight, bias, 2), 1e-5, 1e-5)
+
+
+# (N, C, H, W, group_size, channels_last)
+STATS_SHAPES = [
+    (1, 4, 2, 2, 2, False),  # minimal
+    (2, 10, 3, 5, 4, False),  # trailing partial group (10 = 4 + 4 + 2), odd spatial size
+    (2, 40, 8, 8, 20, True),  # SD-like groups of 20, channels_last: 3 groups... per tile
+    (2, 6, 4, 4, 4, True),  # channels_last, trailing partial group
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("n, c, h, w, group_size, channels_last", STATS_SHAPES)
+def test_group_partial_stats_matches_reference_cpu(n, c, h, w, group_size, channels_last):
+    x = torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(0)) * 3.0 + 5.0
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    out = group_partial_stats_triton(x, group_size)
+    expected = group_partial_stats_reference(x, group_size)
+    assert out.shape == expected.shape == (n, -(-c // group_size), 3)
+    assert_close(out, expected, rtol=1e-5, atol=1e-4)
+    # And against a direct float64 computation: counts, means and M2 of each channel run.
+    x64 = x.double().reshape(n, c, h * w)
+    for g in range(out.shape[1]):
+        part = x64[:, g * group_size : (g + 1) * group_size].reshape(n, -1)
+        want = torch.stack([torch.full((n,), float(part.shape[1])), part.mean(1), part.var(1, correction=0) * part.shape[1]], 1)
+        assert_close(out[:, g].double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_cached_stats_are_used_reference():
+    # Statistics of another tensor change the result: the stats path really uses its input.
+    cached, skip, weight, bias = _make_inputs(2, 8, 8, 4, 4, torch.float32)
+    right = group_partial_stats(cached, 4)
+    stale = group_partial_stats(cached * 2.0, 4)
+    expected = cat_group_norm_silu_reference(cached, skip, weight, bias, 4, EPS)
+    assert_close(cat_group_norm_silu(cached, skip, weight, bias, 4, EPS, cached_stats=right), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(cat_group_norm_silu(cached, skip, weight, bias, 4, EPS, cached_stats=stale), expected, atol=1e-2)
+
+
+@needs_interpreter
+@pytest.mark.usefixtures("two_pass")
+def test_cached_stats_are_used_cpu():
+    cached, skip, weight, bias = _make_inputs(2, 8, 8, 4, 4, torch.float32)
+    stale = group_partial_stats_triton(cached * 2.0, 4)
+    out = cat_group_norm_silu_triton(cached, skip, weight, bias, 4, EPS, cached_stats=stale)
+    assert_close(out, cat_group_norm_silu_reference(cached, skip, weight, bias, 4, EPS, cached_stats=stale), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, _expected(cached, skip, weight, bias, 4), atol=1e-2)
+
+
+@needs_interpreter
+def test_past_int32_offsets_falls_back_to_pytorch(monkeypatch):
+    def no_launch(*args, **kwargs):
+        raise AssertionError("launched a kernel past the int32 offset guard")
+
+    monkeypatch.setattr(kernel_module, "_launch_cut", no_launch)
+    monkeypatch.setattr(kernel_module, "_max_offset", lambda shape, stride: 2**31)
+    kernel_module._cut_plan.cache_clear()
+    try:
+        cached, skip, weight, bias = _make_inputs(2, 5, 7, 4, 4, torch.float32)
+        out = cat_group_norm_silu_triton(cached, skip, weight, bias, 3, EPS)
+        assert torch.equal(out, cat_group_norm_silu_reference(cached, skip, weight, bias, 3, EPS))
+        stats = group_partial_stats_triton(cached, 4)
+        assert torch.equal(stats, group_partial_stats_reference(cached, 4))
+    finally:
+        kernel_module._cut_plan.cache_clear()
+
+
+@needs_interpreter
+def test_launch_plan_is_cached():
+    cached, skip, weight, bias = _make_inputs(2, 5, 7, 4, 4, torch.float32)
+    cat_group_norm_silu_triton(cached, skip, weight, bias, 3, EPS)
+    before = kernel_module._cut_plan.cache_info()
+    cat_group_norm_silu_triton(cached, skip, weight, bias, 3, EPS)
+    after = kernel_module._cut_plan.cache_info()
+    assert after.hits == before.hits + 1 and after.misses == before.misses
+
+
+def test_channels_last_tiles_fit_groups():
+    # SD1.5's 20-channel groups: one group fills 20 of 32 lanes; whole groups per tile fill
+    # over 90% (3 groups: 60 of 64; 12 groups: 240 of 256, preferred for longer rows).
+    k = kernel_module._groups_per_tile(20, 32, True, 256)
+    assert k > 1 and k * 20 / kernel_module._next_power_of_2(k * 20) > 0.9
+    assert kernel_module._groups_per_tile(20, 32, True, 64) == 3
+    assert kernel_module._groups_per_tile(32, 32, True, 256) > 1  # powers of 2 fill lanes anyway
+    assert kernel_module._groups_per_tile(20, 32, False, 256) == 1  # NCHW: chunks along hw
+
+
+def test_traffic_model_sd15_cut():
+    # SD1.5 branch-0 cut, fp16: one input half is 2 * 320 * 64 * 64 * 2 bytes.
+    half = 2 * 320 * 64 * 64 * 2
+    before = cut_traffic(2, 320, 320, 64, 64, 2, before=True)
+    after = cut_traffic(2, 320, 320, 64, 64, 2, cached_stats=True)
+    assert before.bytes == 6 * half and before.ideal_bytes == 4 * half
+    # Statistics read only skip now; the pieces and cached statistics are a few KiB.
+    assert 0 < after.bytes - 5 * half < 64 * 1024
+    assert cut_traffic(2, 320, 320, 64, 64, 2, cached_stats=False).bytes > after.bytes + half - 1
+    assert cut_traffic(2, 40, 40, 8, 8, 2).launches == 1  # fits one program per group: single pass
 
 
 @needs_interpreter
@@ -127,6 +269,9 @@ def test_op_cpu_is_reference(cached_cl):
 def test_opcheck_cpu():
     args = _make_inputs(2, 5, 7, 4, 4, torch.float32, cached_cl=True) + (3, EPS)
     torch.library.opcheck(torch.ops.dcfx.cat_group_norm_silu.default, args)
+    stats = group_partial_stats(args[0], 4)
+    torch.library.opcheck(torch.ops.dcfx.cat_group_norm_silu.default, args + (stats,))
+    torch.library.opcheck(torch.ops.dcfx.group_partial_stats.default, (args[0], 4))
 
 
 @pytest.mark.compile
@@ -158,6 +303,8 @@ def _bad_inputs():
         ((cached, skip, weight, bias[:-1], 2), r"shape \(8,\)"),  # wrong bias size
         ((cached, skip, weight, bias, 3), r"divide C1 \+ C2 = 8"),  # num_groups does not divide C
         ((cached, skip, weight, bias, 0), "must be positive"),  # no groups
+        ((cached, skip, weight, bias, 2, EPS, torch.zeros(2, 2, 3)), "cached_stats must be"),  # wrong shape
+        ((cached, skip, weight, bias, 2, EPS, torch.zeros(2, 1, 3).double()), "cached_stats must be"),  # dtype
     ]
 
 
@@ -166,7 +313,7 @@ def _bad_inputs():
 def test_bad_inputs_raise(fn, case):
     args, message = _bad_inputs()[case]
     with pytest.raises(ValueError, match=message):
-        fn(*args, EPS)
+        fn(*args) if len(args) > 5 else fn(*args, EPS)
 
 
 def test_triton_rejects_unsupported(monkeypatch):
@@ -220,14 +367,31 @@ CUDA_SHAPES = [
 
 @pytest.mark.cuda
 @needs_cuda
+@pytest.mark.parametrize("with_stats", [False, True], ids=["stats_in_kernel", "cached_stats"])
 @pytest.mark.parametrize("dtype, rtol, atol", DTYPES)
 @pytest.mark.parametrize("n, c1, c2, h, w, groups, cached_cl, skip_cl", CUDA_SHAPES)
 @pytest.mark.usefixtures("triton_enabled")
-def test_triton_matches_reference_cuda(n, c1, c2, h, w, groups, cached_cl, skip_cl, dtype, rtol, atol):
+def test_triton_matches_reference_cuda(n, c1, c2, h, w, groups, cached_cl, skip_cl, dtype, rtol, atol, with_stats):
     cached, skip, weight, bias = _make_inputs(n, c1, c2, h, w, dtype, "cuda", cached_cl, skip_cl)
     expected = _expected(cached, skip, weight, bias, groups)
-    _assert_matches(cat_group_norm_silu_triton(cached, skip, weight, bias, groups, EPS), expected, rtol, atol)
-    _assert_matches(cat_group_norm_silu(cached, skip, weight, bias, groups, EPS), expected, rtol, atol)
+    stats = group_partial_stats(cached, (c1 + c2) // groups) if with_stats else None
+    if with_stats:
+        assert_close(stats, group_partial_stats_reference(cached, (c1 + c2) // groups), rtol=1e-4, atol=1e-2)
+    out = cat_group_norm_silu_triton(cached, skip, weight, bias, groups, EPS, cached_stats=stats)
+    _assert_matches(out, expected, rtol, atol)
+    _assert_matches(cat_group_norm_silu(cached, skip, weight, bias, groups, EPS, stats), expected, rtol, atol)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.usefixtures("triton_enabled")
+def test_cuda_plans_sd_cut():
+    # The SD1.5 cut takes the two-pass path with skip-only statistics; small groups one pass.
+    cached, skip, _, _ = _make_inputs(2, 320, 320, 64, 64, torch.float16, "cuda")
+    plan = kernel_module._plan_for(cached, skip, 32, True)
+    assert not plan.single_pass and plan.c_lo == 320 and plan.g_first == 16
+    small, _, _, _ = _make_inputs(2, 40, 40, 8, 8, torch.float16, "cuda")
+    assert kernel_module._plan_for(small, small, 8, True).single_pass
 
 
 @pytest.mark.cuda
@@ -251,6 +415,36 @@ def test_cuda_graph_capture_replay():
     graph.replay()
     torch.cuda.synchronize()
     _assert_matches(out, _expected(new_cached, new_skip, weight, bias, 4), 2e-3, 1e-3)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.usefixtures("triton_enabled")
+def test_cuda_graph_capture_replay_two_pass_cached_stats():
+    # As a DeepCache step pair: the full step captures the statistics op into a buffer, the
+    # shallow step reads it; replays with new data must see the new statistics.
+    shape = (2, 320, 320, 32, 32)
+    cached, skip, weight, bias = _make_inputs(*shape, torch.float16, "cuda")
+    stats = group_partial_stats(cached, 20)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        group_partial_stats(cached, 20)
+        cat_group_norm_silu(cached, skip, weight, bias, 32, EPS, stats)
+    torch.cuda.current_stream().wait_stream(side)
+    g_full, g_shallow = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g_full):
+        stats.copy_(group_partial_stats(cached, 20))
+    with torch.cuda.graph(g_shallow):
+        out = cat_group_norm_silu(cached, skip, weight, bias, 32, EPS, stats)
+    for seed in (1, 2):
+        new_cached, new_skip, _, _ = _make_inputs(*shape, torch.float16, "cuda", seed=seed)
+        cached.copy_(new_cached)
+        skip.copy_(new_skip)
+        g_full.replay()
+        g_shallow.replay()
+        torch.cuda.synchronize()
+        _assert_matches(out, _expected(new_cached, new_skip, weight, bias, 32), 2e-3, 1e-3)
 
 
 @pytest.mark.cuda

@@ -193,3 +193,31 @@ def test_sd15_structure_on_meta():
     assert row0.speedup_bound == pytest.approx(expected)
     text = str(rep)
     assert "branch" in text and "speedup bound" in text and "0..11" in text
+
+
+@pytest.mark.parametrize("branch", [0, 3, 5])
+def test_cached_feature_statistics_move_to_the_full_graph(captured, branch):
+    from dcfx.passes import deepcache_graphs
+    from dcfx.passes.fuse import STATS_INPUT, STATS_OP
+    from dcfx.passes.split import CACHED_OUTPUTS
+
+    _, call, cap = captured
+    full, shallow = deepcache_graphs(cap.graph_module, branch, True)
+    # The full graph returns the feature and its statistics; the shallow graph takes both.
+    assert full.meta[CACHED_OUTPUTS] == 2 and shallow.meta["dcfx_fused"] == 1
+    assert sum(n.target is STATS_OP for n in full.graph.nodes) == 1
+    placeholders = [n.name for n in shallow.graph.nodes if n.op == "placeholder"]
+    assert placeholders[-2:] == [CACHE_INPUT, STATS_INPUT]
+    (op,) = [n for n in shallow.graph.nodes if n.target is FUSED_OP]
+    assert op.args[6].name == STATS_INPUT
+    # Statistics are no longer computed in the shallow graph itself.
+    assert not any(n.target is STATS_OP for n in shallow.graph.nodes)
+    plain = split(cap.graph_module, branch)
+    with torch.no_grad():
+        *out, feature, stats = full(*call.tensors)
+        fused = shallow(*call.tensors, feature, stats)
+        unfused = plain.shallow(*call.tensors, feature)
+        stale = shallow(*call.tensors, feature, stats * 1.5)
+    assert torch.equal(out[0], plain.full(*call.tensors)[0])
+    assert _rel(fused[0], unfused[0]) < 1e-5
+    assert _rel(stale[0], unfused[0]) > 1e-3  # the shallow graph really uses the statistics

@@ -18,6 +18,16 @@ views of the module's own weight, taken in the graph: nothing is copied. The rew
 all-or-nothing per concatenation: if any reader of `x` is not one of the two forms above,
 that concatenation is left alone (and the graph stays correct).
 
+A second pass, `cache_cut_stats(full, shallow)`, then moves the statistics of the cached
+feature to the full step: the cached feature is constant until the next full step, so its
+group statistics are too. The full graph also returns `dcfx.group_partial_stats(h_b, C / G)`
+(one more cached output, meta `dcfx_cached_outputs`), and each fused op whose first operand
+is the cached feature gets them as a new shallow-graph input (`deepcache_feature_stats`):
+
+    h = dcfx.cat_group_norm_silu(cached, skip, w, b, G, eps, cached_stats=stats)
+
+so a shallow step reads only the skip tensor for statistics.
+
 `DCFX_DISABLE_FUSION=1` in the environment makes `dcfx.optimize` skip this pass.
 """
 
@@ -29,10 +39,12 @@ import torch
 from torch import fx
 
 from .. import kernels  # noqa: F401  (registers torch.ops.dcfx.cat_group_norm_silu)
-from .split import CACHE_INPUT, finish_graph
+from .split import CACHE_INPUT, CACHED_OUTPUTS, finish_graph
 
 aten = torch.ops.aten
 FUSED_OP = torch.ops.dcfx.cat_group_norm_silu.default
+STATS_OP = torch.ops.dcfx.group_partial_stats.default
+STATS_INPUT = "deepcache_feature_stats"
 _COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
 
 
@@ -57,6 +69,59 @@ def fuse_cut(gm: fx.GraphModule) -> fx.GraphModule:
     out = finish_graph(gm, graph)
     out.meta["dcfx_fused"] = fused
     return out
+
+
+def cache_cut_stats(full: fx.GraphModule, shallow: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Copies of the split (`full`) and fused (`shallow`) graphs where the fused cut ops take
+    the cached feature's group statistics from the full step (see module doc).
+
+    One statistics output per distinct group size among those ops (one in every diffusers
+    U-Net); graphs without such an op come back unchanged.
+    """
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(shallow.graph, env))
+    (cache,) = [n for n in graph.nodes if n.op == "placeholder" and n.name == CACHE_INPUT]
+    ops = [
+        n for n in cache.users
+        if n.target is FUSED_OP and n.args[0] is cache and _arg(n, 6, "cached_stats") is None
+    ]
+    if not ops:
+        return full, shallow
+    feature = cache.meta["val"]
+    group_sizes = sorted({(feature.shape[1] + n.args[1].meta["val"].shape[1]) // n.args[4] for n in ops})
+    last_input = cache
+    stats_inputs = {}
+    for size in group_sizes:
+        with graph.inserting_after(last_input):
+            name = STATS_INPUT if len(group_sizes) == 1 else f"{STATS_INPUT}_{size}"
+            last_input = stats_inputs[size] = graph.placeholder(name)
+        shape = (feature.shape[0], -(-feature.shape[1] // size), 3)
+        last_input.meta["val"] = feature.new_empty(shape, dtype=torch.promote_types(feature.dtype, torch.float32))
+    for node in ops:
+        size = (feature.shape[1] + node.args[1].meta["val"].shape[1]) // node.args[4]
+        node.args = (*node.args[:6], stats_inputs[size])
+        node.kwargs = {}
+    new_shallow = finish_graph(shallow, graph)
+    new_shallow.meta.update(shallow.meta)
+
+    graph = fx.Graph()
+    env = {}
+    outputs = graph.graph_copy(full.graph, env)
+    cached = full.meta.get(CACHED_OUTPUTS, 1)
+    feature_node = outputs[len(outputs) - cached]
+    stats = [graph.call_function(STATS_OP, (feature_node, size)) for size in group_sizes]
+    for node, size in zip(stats, group_sizes):
+        node.meta["val"] = stats_inputs[size].meta["val"]
+    graph.output((*outputs, *stats))
+    new_full = finish_graph(full, graph)
+    new_full.meta.update(full.meta)
+    new_full.meta[CACHED_OUTPUTS] = cached + len(stats)
+    return new_full, new_shallow
+
+
+def _arg(node: fx.Node, index: int, name: str):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
 
 
 def _fuse_concat(graph: fx.Graph, cat: fx.Node) -> int:

@@ -28,6 +28,9 @@ import torch
 from torch import fx
 
 CACHE_INPUT = "deepcache_feature"
+# Graph meta key: how many trailing outputs of the full graph are cached (and passed, in
+# order, as the shallow graph's trailing inputs). split makes 1; later passes may add more.
+CACHED_OUTPUTS = "dcfx_cached_outputs"
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,9 @@ def _full_graph(gm: fx.GraphModule, hidden: fx.Node) -> fx.GraphModule:
     env: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(gm.graph, env)
     graph.output((*out, env[hidden]))
-    return finish_graph(gm, graph)
+    full = finish_graph(gm, graph)
+    full.meta[CACHED_OUTPUTS] = 1
+    return full
 
 
 def _shallow_graph(gm: fx.GraphModule, cut: Skip) -> fx.GraphModule:

@@ -1,0 +1,258 @@
+"""dcfx against the reference `DeepCacheSDHelper` (DeepCache==0.1.1) on the same CUDA device.
+
+tests/test_reference.py checks step-exact equality on CPU; here the same tiny SD- and
+SDXL-shaped U-Nets run on CUDA, where dcfx's fused Triton cut kernel, its precomputed
+cached-feature statistics, inductor and CUDA graphs are in the loop. Every test compares the
+latents after each step with the reference helper run on the same device and dtype, and
+asserts that caching changed the result (so the comparison can fail):
+
+- fp32, eager: relative error <= 1e-5 per step, as on CPU (TF32 off: with it, cuDNN rounds
+  conv inputs to 10 mantissa bits and dcfx's split shortcut conv differs from the whole one at
+  that precision). The CPU parameter runs the same body here, without a GPU.
+- fp16, eager: dcfx and the reference round differently at the cut (the fused kernel rounds
+  its fp32 result once where eager GroupNorm and SiLU each round to fp16; the split shortcut
+  conv adds one rounding), i.e. a few units of fp16 roundoff u = 2^-11 per shallow step. The
+  bound is therefore relative to fp16's own noise, measured in the same test: dcfx's distance
+  to the fp32 reference trajectory may exceed the fp16 reference's by at most 2x + 4u.
+- compiled (`compile=True`, default mode and "reduce-overhead"), fp16: <= 1e-3 per step
+  against the fp16 reference.
+- the README's CUDA-graph recipe (one captured full and one shallow step, replayed by the
+  schedule) with PNDM and Euler, fp32: <= 1e-5 per step.
+
+PNDM repeats its first timestep; the reference helper numbers steps by looking the timestep
+up in `scheduler.timesteps`, so its full steps are computed the same way here and given to
+dcfx as an explicit schedule (for interval 3 they are the uniform ones anyway).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import types
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+from _tiny_unet import sample_steps
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
+from test_reference import _SD_BETAS, models, reference_helper  # noqa: F401  (models: a fixture)
+
+import dcfx
+from dcfx.kernels import cut_norm
+
+T = 8
+RTOL_FP32 = 1e-5
+RTOL_COMPILED = 1e-3
+FP16_ROUNDOFF = 2.0**-11
+MIN_EFFECT = 5e-4  # a cached run differs from the plain one by at least this
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda])
+
+SCHEDULERS = {
+    "ddim": lambda: DDIMScheduler(**_SD_BETAS, clip_sample=False, set_alpha_to_one=False),
+    "euler": lambda: EulerDiscreteScheduler(**_SD_BETAS),
+    "pndm": lambda: PNDMScheduler(**_SD_BETAS, skip_prk_steps=True),
+}
+
+# (model, scheduler, interval, branch): the cut in up block 1 (b=0, 1) and at the downsampler
+# (b=3), both models, every scheduler kind.
+CASES = [("sd", "ddim", 3, 0), ("sdxl", "euler", 2, 3), ("sd", "pndm", 3, 1)]
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@pytest.fixture(scope="module")
+def model(models):
+    """model(name, device, dtype) -> (unet, conditioning, latents): test_reference's seeded
+    models, copied to device and dtype (once each)."""
+    moved = {}
+
+    def get(name, device, dtype):
+        if (name, device, dtype) not in moved:
+            unet, cond, latents = models[name]
+            cond = pytree.tree_map(lambda t: t.to(device, dtype), cond)
+            moved[name, device, dtype] = (copy.deepcopy(unet).to(device, dtype), cond, latents.to(device, dtype))
+        return moved[name, device, dtype]
+
+    return get
+
+
+def fresh_scheduler(kind: str, device: str):
+    sched = SCHEDULERS[kind]()
+    sched.set_timesteps(T, device=device)
+    return sched
+
+
+def reference_full_steps(timesteps, interval: int) -> tuple[int, ...]:
+    """The calls the reference helper runs in full: it numbers a call by the first index of
+    its timestep in `scheduler.timesteps` (PNDM's repeated timestep gets the earlier index)."""
+    values = [float(t) for t in timesteps]
+    return tuple(i for i, t in enumerate(values) if values.index(t) % interval == 0)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def per_step(run, ref) -> list[float]:
+    assert len(run) == len(ref)
+    return [rel(a, b) for a, b in zip(run, ref)]
+
+
+def run_plain(model, name, kind, device, dtype):
+    unet, cond, latents = model(name, device, dtype)
+    return sample_steps(unet, fresh_scheduler(kind, device), latents, cond)
+
+
+def run_reference(model, name, kind, device, dtype, interval, branch):
+    unet, cond, latents = model(name, device, dtype)
+    sched = fresh_scheduler(kind, device)
+    with reference_helper(unet, sched, interval, branch):
+        return sample_steps(unet, sched, latents, cond)
+
+
+def run_dcfx(model, name, kind, device, dtype, interval, branch, **config):
+    unet, cond, latents = model(name, device, dtype)
+    sched = fresh_scheduler(kind, device)
+    calls = len(sched.timesteps)  # T, or T + 1 for PNDM
+    full = reference_full_steps(sched.timesteps, interval)
+    fast = dcfx.optimize(unet, interval=interval, branch=branch, schedule=full, **config)
+    fast.begin(calls)
+    steps = sample_steps(fast, sched, latents, cond)
+    assert fast.history[-1] == "".join("F" if i in full else "S" for i in range(calls))
+    return steps
+
+
+def assert_cached(model, run, name, kind, device, dtype):
+    plain = run_plain(model, name, kind, device, dtype)
+    assert max(per_step(run, plain)) > MIN_EFFECT, "caching did not change the result"
+
+
+@contextlib.contextmanager
+def two_pass_kernels():
+    """Route the cut through the statistics + apply kernels (with the cached feature's
+    precomputed statistics), which the tiny models' small groups would otherwise skip."""
+    saved = cut_norm._SINGLE_PASS_ELEMENTS
+    cut_norm._SINGLE_PASS_ELEMENTS = 0
+    cut_norm._cut_plan.cache_clear()
+    try:
+        yield
+    finally:
+        cut_norm._SINGLE_PASS_ELEMENTS = saved
+        cut_norm._cut_plan.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("name, kind, interval, branch", CASES)
+def test_fp32_matches_reference(model, device, name, kind, interval, branch):
+    ref = run_reference(model, name, kind, device, torch.float32, interval, branch)
+    run = run_dcfx(model, name, kind, device, torch.float32, interval, branch)
+    err = per_step(run, ref)
+    assert max(err) <= RTOL_FP32, f"dcfx vs DeepCacheSDHelper on {device}: {['%.1e' % e for e in err]}"
+    assert_cached(model, run, name, kind, device, torch.float32)
+    assert_cached(model, ref, name, kind, device, torch.float32)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("kernels", ["default", "two_pass"])
+@pytest.mark.parametrize("name, kind, interval, branch", CASES)
+def test_fp16_matches_reference_cuda(model, name, kind, interval, branch, kernels):
+    ref32 = run_reference(model, name, kind, "cuda", torch.float32, interval, branch)
+    ref16 = run_reference(model, name, kind, "cuda", torch.float16, interval, branch)
+    with two_pass_kernels() if kernels == "two_pass" else contextlib.nullcontext():
+        run16 = run_dcfx(model, name, kind, "cuda", torch.float16, interval, branch)
+    noise = per_step(ref16, ref32)
+    err = per_step(run16, ref32)
+    bound = [2 * e + 4 * FP16_ROUNDOFF for e in noise]
+    assert all(e <= b for e, b in zip(err, bound)), (
+        f"fp16 dcfx vs fp32 reference {['%.1e' % e for e in err]} exceeds 2x the fp16 reference's "
+        f"{['%.1e' % e for e in noise]} + 4u"
+    )
+    assert_cached(model, run16, name, kind, "cuda", torch.float16)
+
+
+@pytest.mark.cuda
+@pytest.mark.compile
+@needs_cuda
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_compiled_fp16_matches_reference_cuda(model, mode):
+    name, kind, interval, branch = CASES[0]
+    torch._dynamo.reset()
+    ref = run_reference(model, name, kind, "cuda", torch.float16, interval, branch)
+    run = run_dcfx(model, name, kind, "cuda", torch.float16, interval, branch, compile=True, compile_mode=mode)
+    err = per_step(run, ref)
+    assert max(err) <= RTOL_COMPILED, f"compiled ({mode}) dcfx vs reference: {['%.1e' % e for e in err]}"
+    assert_cached(model, run, name, kind, "cuda", torch.float16)
+
+
+class _Replay:
+    """The README's recipe: one captured full and one captured shallow step, replayed by the
+    schedule; called like the U-Net (positional timestep, conditioning as captured)."""
+
+    def __init__(self, fast, x, t, cond, num_steps):
+        self.fast, self.num_steps, self.step = fast, num_steps, 0
+        self.x, self.t = x.clone(), t.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():  # warm up: capture, allocate the cache
+            for _ in range(2):
+                fast.begin()
+                fast(self.x, self.t, **cond)
+                fast(self.x, self.t, **cond)
+        torch.cuda.current_stream().wait_stream(side)
+        self.g_full, self.g_shallow = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        fast.begin()
+        with torch.no_grad():
+            with torch.cuda.graph(self.g_full):
+                self.eps_full = fast(self.x, self.t, **cond).sample
+            with torch.cuda.graph(self.g_shallow):
+                self.eps_shallow = fast(self.x, self.t, **cond).sample
+        assert fast.history[-1] == "FS"
+
+    def __call__(self, x, t, **cond):
+        self.x.copy_(x)
+        self.t.copy_(t)
+        full = self.fast.is_full_step(self.step, self.num_steps)
+        self.step += 1
+        (self.g_full if full else self.g_shallow).replay()
+        return types.SimpleNamespace(sample=(self.eps_full if full else self.eps_shallow).clone())
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("kind", ["pndm", "euler"])
+@pytest.mark.parametrize("name", ["sd", "sdxl"])
+def test_cuda_graph_recipe_matches_reference(model, name, kind):
+    interval, branch = 3, 1
+    unet, cond, latents = model(name, "cuda", torch.float32)
+    ref = run_reference(model, name, kind, "cuda", torch.float32, interval, branch)
+    sched = fresh_scheduler(kind, "cuda")
+    full = reference_full_steps(sched.timesteps, interval)
+    fast = dcfx.optimize(unet, interval=interval, branch=branch, schedule=full)
+    replay = _Replay(fast, latents, sched.timesteps[0], cond, len(sched.timesteps))
+    run = sample_steps(replay, sched, latents, cond)
+    err = per_step(run, ref)
+    assert max(err) <= RTOL_FP32, f"CUDA-graph replay vs reference: {['%.1e' % e for e in err]}"
+    assert_cached(model, run, name, kind, "cuda", torch.float32)
+
+
+def test_reference_full_steps_pndm():
+    # PNDM (skip_prk_steps) repeats its first timestep (T + 1 calls): the reference numbers
+    # the repeat's call like the one before.
+    sched = fresh_scheduler("pndm", "cpu")
+    values = [int(t) for t in sched.timesteps]
+    assert len(values) == T + 1 and values[1] == values[2]
+    assert reference_full_steps(sched.timesteps, 3) == (0, 3, 6)
+    assert reference_full_steps(sched.timesteps, 2) == (0, 4, 6, 8)
