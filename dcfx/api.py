@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 import weakref
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from .capture import CallBinder
 from .config import DeepCacheConfig
 from .runtime import DeepCacheUNet
 
@@ -47,6 +49,9 @@ def optimize(unet: nn.Module, config: DeepCacheConfig | None = None, **options: 
         unet = unet.unet
     if not isinstance(unet, nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module U-Net, got {type(unet).__name__}")
+    not_a_unet = CallBinder(unet).not_a_unet
+    if not_a_unet:
+        raise TypeError(not_a_unet)
     return DeepCacheUNet(unet, config)
 
 
@@ -60,18 +65,21 @@ def enable(pipe: Any, config: DeepCacheConfig | None = None, **options: Any) -> 
     non-uniform schedule knows its step count. A call past the announced count, or after
     `pipe.scheduler` was replaced (the new one is hooked for the next generation), falls back
     to automatic boundaries. The scheduler keeps its class for `isinstance`, copies and
-    pickles as a plain scheduler. `disable(pipe)` undoes it.
+    pickles as a plain scheduler. A diffusers pipeline's config keeps recording the plain
+    U-Net, and `pipe.save_pretrained` saves the plain U-Net, so `from_pretrained` loads what
+    was saved. `disable(pipe)` undoes it all.
     """
     if isinstance(pipe.unet, DeepCacheUNet):
         disable(pipe)
     unet = optimize(pipe.unet, config, **options)
-    pipe.unet = unet
+    _set_unet(pipe, unet)
     _listen(pipe.scheduler, _Listener(pipe, unet))
     return unet
 
 
 def disable(pipe: Any) -> nn.Module:
-    """Undo `enable` (or `optimize`): restore the plain U-Net and the scheduler."""
+    """Undo `enable` (or `optimize`): restore the plain U-Net, the scheduler and the
+    pipeline's config as they were before (also after `pipe.unet = dcfx.optimize(...)`)."""
     for scheduler in list(_LISTENERS):
         kept = [x for x in _LISTENERS[scheduler] if x.pipe() not in (pipe, None)]
         if kept:
@@ -81,9 +89,58 @@ def disable(pipe: Any) -> nn.Module:
             base = getattr(type(scheduler), "_dcfx_base", None)
             if base is not None:
                 scheduler.__class__ = base
+    attributes = getattr(pipe, "__dict__", {})
+    if getattr(attributes.get("save_pretrained"), "__func__", None) is _save_pretrained:
+        del attributes["save_pretrained"]
     if isinstance(pipe.unet, DeepCacheUNet):
-        pipe.unet = pipe.unet.unet
+        if _registered_class(pipe) == DeepCacheUNet.__name__:
+            pipe.unet = pipe.unet.unet  # assigned by hand: diffusers records the plain one again
+        else:
+            _set_unet(pipe, pipe.unet.unet)
     return pipe.unet
+
+
+# -- the pipeline's config and save_pretrained while enabled ----------------------------------
+#
+# A diffusers pipeline records each component's (library, class) in its config when it is
+# assigned. Recorded as DeepCacheUNet, the U-Net could not be saved (save_pretrained warns and
+# writes "unet": [null, null]) nor loaded. So `enable` swaps the module without touching the
+# record, and saving swaps the plain U-Net in for the duration of the save.
+
+
+def _uses_config_record(pipe: Any) -> bool:
+    """A diffusers pipeline (its config lists the U-Net), as opposed to any object with a .unet."""
+    config = getattr(pipe, "config", None)
+    return isinstance(config, Mapping) and "unet" in config and not isinstance(pipe, nn.Module)
+
+
+def _registered_class(pipe: Any) -> str | None:
+    entry = pipe.config.get("unet") if _uses_config_record(pipe) else None
+    return entry[1] if isinstance(entry, (tuple, list)) and len(entry) == 2 else None
+
+
+def _set_unet(pipe: Any, unet: nn.Module) -> None:
+    if not _uses_config_record(pipe):
+        pipe.unet = unet
+        return
+    object.__setattr__(pipe, "unet", unet)  # past DiffusionPipeline.__setattr__'s config record
+    if isinstance(unet, DeepCacheUNet) and callable(getattr(type(pipe), "save_pretrained", None)):
+        pipe.__dict__["save_pretrained"] = types.MethodType(_save_pretrained, pipe)
+
+
+def _save_pretrained(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """The pipeline's own `save_pretrained`, with dcfx's U-Net replaced by the plain one."""
+    fast = self.__dict__.get("unet")
+    if not isinstance(fast, DeepCacheUNet):
+        return type(self).save_pretrained(self, *args, **kwargs)
+    object.__setattr__(self, "unet", fast.unet)
+    try:
+        return type(self).save_pretrained(self, *args, **kwargs)
+    finally:
+        object.__setattr__(self, "unet", fast)
+
+
+_save_pretrained.__name__ = "save_pretrained"  # a copied or pickled pipeline finds its own
 
 
 class _Listener:

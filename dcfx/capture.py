@@ -10,10 +10,16 @@ them gets its own capture. Weights stay the module's own tensors (`get_attr`, no
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import inspect
+import logging
+import numbers
+import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
+import numpy as np
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
@@ -31,7 +37,7 @@ class Call:
     key: tuple
     spec: pytree.TreeSpec
     constants: tuple  # non-tensor leaves, TENSOR_SLOT where the leaf is a tensor
-    timestep: Any  # the timestep argument as passed (number or tensor)
+    timestep: Any  # the timestep argument: a tensor as passed, or a Python int/float
     return_dict: bool
 
 
@@ -47,10 +53,12 @@ class CallBinder:
     """Normalises calls of one module's `forward` (done once per module, cheap per call)."""
 
     def __init__(self, module: nn.Module):
+        self._name = type(module).__name__
         self._signature = inspect.signature(module.forward)
+        params = list(self._signature.parameters.values())
         variadic = [
-            p.name for p in self._signature.parameters.values()
-            if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+            ("*" if p.kind is inspect.Parameter.VAR_POSITIONAL else "**") + p.name
+            for p in params if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
         ]
         if variadic:
             hint = (
@@ -59,29 +67,52 @@ class CallBinder:
             )
             raise TypeError(
                 f"dcfx needs a U-Net whose forward names its parameters, like diffusers' "
-                f"UNet2DConditionModel; {type(module).__name__}.forward{self._signature} has "
-                f"{', '.join('*' + n for n in variadic)}{hint}"
+                f"UNet2DConditionModel; {self._name}.forward{self._signature} has "
+                f"{', '.join(variadic)}{hint}"
             )
-        names = list(self._signature.parameters)
+        names = [p.name for p in params]
         # The timestep is the second parameter of every diffusers U-Net (`timestep`).
         self._timestep_name = "timestep" if "timestep" in names else (names[1] if len(names) > 1 else None)
+        timestep = self._signature.parameters.get(self._timestep_name)
+        self.not_a_unet: str | None = None
+        if timestep is None or isinstance(timestep.default, bool):
+            # Said up front (`optimize` raises it), not as a confusing timestep or graph error
+            # at the first call: e.g. nn.Linear, or a VAE (its second parameter is a flag).
+            self.not_a_unet = (
+                f"{self._name} is not a U-Net: dcfx needs a denoising U-Net called as "
+                f"forward(sample, timestep, ...), like diffusers' UNet2DConditionModel; "
+                f"{self._name}.forward{self._signature} takes no timestep"
+            )
         self._has_return_dict = "return_dict" in names
 
     def bind(self, args: tuple, kwargs: dict) -> Call:
+        if self.not_a_unet:
+            raise TypeError(self.not_a_unet)
         try:
             bound = self._signature.bind(*args, **kwargs)
         except TypeError as e:
-            raise TypeError(f"arguments do not match the U-Net's forward{self._signature}: {e}") from None
+            raise TypeError(f"{self._name}.forward() {self._unexpected_keyword(kwargs) or e}") from None
         named = dict(bound.arguments)
         return_dict = bool(named.pop("return_dict", True)) if self._has_return_dict else False
-        timestep = named.get(self._timestep_name) if self._timestep_name else None
+        timestep = named.get(self._timestep_name)
         if self._timestep_name in named and not isinstance(timestep, torch.Tensor):
+            timestep = _host_number(timestep)
             named[self._timestep_name] = _timestep_tensor(timestep, _first_tensor(named))
         leaves, spec = pytree.tree_flatten(named)
         tensors = tuple(x for x in leaves if isinstance(x, torch.Tensor))
         constants = tuple(TENSOR_SLOT if isinstance(x, torch.Tensor) else x for x in leaves)
         key = (spec, tuple(_leaf_key(x) for x in leaves), _autocast_state(tensors))
         return Call(tensors, key, spec, constants, timestep, return_dict)
+
+    def _unexpected_keyword(self, kwargs: dict) -> str | None:
+        """Named first, as Python does, with the parameter a misspelling probably means."""
+        names = list(self._signature.parameters)
+        for key in kwargs:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else f"; its parameters are {', '.join(names)}"
+                return f"got an unexpected keyword argument {key!r}{hint}"
+        return None
 
 
 def _autocast_state(tensors: tuple) -> Any:
@@ -100,11 +131,19 @@ def _first_tensor(named: dict) -> torch.Tensor | None:
     return None
 
 
-def _timestep_tensor(t: Any, like: torch.Tensor | None) -> torch.Tensor:
+def _host_number(t: Any) -> int | float:
+    """A timestep given as a number (Python or numpy, e.g. from `scheduler.timesteps.numpy()`)
+    as a Python int or float, so numpy scalars capture and compare like Python numbers."""
+    if isinstance(t, numbers.Integral) and not isinstance(t, (bool, np.bool_)):
+        return operator.index(t)
+    if isinstance(t, numbers.Real) and not isinstance(t, (bool, np.bool_)):
+        return float(t)
+    raise TypeError(f"timestep must be a tensor or a real number (Python or numpy), got {type(t).__name__}")
+
+
+def _timestep_tensor(t: int | float, like: torch.Tensor | None) -> torch.Tensor:
     # Same tensor diffusers makes from a Python number, so results are identical; as a
     # tensor the timestep is a graph input instead of a constant baked into the capture.
-    if isinstance(t, bool) or not isinstance(t, (int, float)):
-        raise TypeError(f"timestep must be a tensor or a Python number, got {type(t).__name__}")
     device = like.device if like is not None else None
     if isinstance(t, float):
         dtype = torch.float32 if device is not None and device.type in ("mps", "npu") else torch.float64
@@ -147,8 +186,21 @@ class _Adapter(nn.Module):
 def capture(unet: nn.Module, call: Call) -> Capture:
     """Export `unet` for this call. The graph shares the module's parameters and buffers."""
     adapter = _Adapter(unet, call)
-    with torch.no_grad():
-        ep = torch.export.export(adapter, call.tensors, strict=False)
+    try:
+        with _held_logs(_EXPORT_LOGGERS) as held, torch.no_grad():
+            ep = torch.export.export(adapter, call.tensors, strict=False)
+    except Exception as export_error:
+        # Usually the arguments do not fit the U-Net (a wrong width or channel count): then
+        # the plain U-Net's own error says so, without export's fake-tensor traceback.
+        try:
+            with torch.no_grad():
+                adapter(*call.tensors)
+        except Exception as eager_error:
+            raise eager_error from None
+        _replay(held)
+        export_error.add_note("dcfx captures the U-Net with torch.export; the plain U-Net runs this call")
+        raise
+    _replay(held)
     gm = ep.module()
     # Flat positional inputs and a flat output tuple: the runtime owns the pytree handling,
     # and the passes may append inputs/outputs.
@@ -161,6 +213,34 @@ def capture(unet: nn.Module, call: Call) -> Capture:
         hook_dict.clear()
     gm.recompile()
     return Capture(gm, ep.call_spec.out_spec)
+
+
+# Loggers that report a failed export at error level (one traceback-long record per failure).
+_EXPORT_LOGGERS = ("torch._subclasses.fake_tensor",)
+
+
+@contextlib.contextmanager
+def _held_logs(names: tuple[str, ...]) -> Iterator[list[logging.LogRecord]]:
+    """Hold back these loggers' records; the caller replays them or drops them."""
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        held.append(record)
+        return False
+
+    loggers = [logging.getLogger(name) for name in names]
+    for logger in loggers:
+        logger.addFilter(hold)
+    try:
+        yield held
+    finally:
+        for logger in loggers:
+            logger.removeFilter(hold)
+
+
+def _replay(records: list[logging.LogRecord]) -> None:
+    for record in records:
+        logging.getLogger(record.name).handle(record)
 
 
 def module_path(node: torch.fx.Node) -> str:

@@ -11,31 +11,34 @@ import math
 
 import numpy as np
 
-from .config import DeepCacheConfig
+from .config import DeepCacheConfig, integer
 
 
 def nonuniform_full_steps(num_steps: int, interval: int, center: int = 15, power: float = 1.4) -> tuple[int, ...]:
     """Full steps of the paper's non-uniform schedule (eq. 7), as the reference computes it.
 
     ceil(num_steps / interval) steps, denser around `center`. The reference samples
-    x = linspace((-c)^(1/p), (T-c)^(1/p), k+1) in complex arithmetic, keeps the distinct
-    truncated real parts of x^p and shifts them by c; when that does not give exactly k
-    steps it lowers p by 0.02 and tries again.
+    x = linspace((-c)^(1/p), (T-c)^(1/p), k+1), keeps the distinct truncated real parts of
+    x^p and shifts them by c; when that does not give exactly k steps it lowers p by 0.02 and
+    tries again. Bit for bit as the reference (`sample_from_quad_center`, DeepCache 0.1.1):
+    the two end points are Python `**` (complex for a negative base, a real 0.0 for c = 0),
+    the rest is numpy; other roundings pick other steps in a few configurations.
     """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    num_steps = integer("num_steps", num_steps, minimum=1, kind="")
+    interval = integer("interval", interval, minimum=1)
+    center = integer("center", center, minimum=0)
     k = math.ceil(num_steps / interval)
     if k >= num_steps:
         return tuple(range(num_steps))
     p = float(power)
     while p > 1:
-        lo = np.power(complex(-center), 1 / p)
-        hi = np.power(complex(num_steps - center), 1 / p)
-        x = np.linspace(lo, hi, k + 1)
-        v = np.unique(np.real(np.power(x, p)).astype(np.int32))
-        steps = [0] + [int(u) + center for u in v[1:-1]]
-        if len(steps) == k and len(set(steps)) == k and all(0 <= s < num_steps for s in steps):
-            return tuple(steps)
+        x = np.linspace((-center) ** (1 / p), (num_steps - center) ** (1 / p), k + 1)
+        # np.real, then truncation towards zero: what the reference's np.int32(x**p) does
+        # (numpy drops the imaginary part of a complex array, with a warning).
+        v = np.unique(np.real(x**p).astype(np.int32))
+        steps = (0, *(int(u) + center for u in v[1:-1]))
+        if len(steps) == k:
+            return steps
         p -= 0.02
     raise ValueError(
         f"no non-uniform schedule with {k} distinct full steps for num_steps={num_steps}, "
@@ -61,18 +64,20 @@ class StepSchedule:
 
     def is_full(self, step: int, num_steps: int | None = None) -> bool:
         c = self._config
-        if c.interval == 1 or step == 0:
+        if step == 0:
+            return True
+        if not isinstance(c.schedule, str):
+            return step in _explicit_set(c.schedule)  # the list alone decides, whatever the interval
+        if c.interval == 1:
             return True
         if c.schedule == "uniform":
             return step % c.interval == 0
-        if c.schedule == "nonuniform":
-            if num_steps is None:
-                raise RuntimeError(
-                    "schedule='nonuniform' needs the number of steps of the generation: use "
-                    "dcfx.enable(pipe, ...) or call unet.begin(num_steps) before each generation"
-                )
-            return step in _nonuniform_set(num_steps, c.interval, c.center, c.power)
-        return step in _explicit_set(c.schedule)
+        if num_steps is None:  # non-uniform
+            raise RuntimeError(
+                "schedule='nonuniform' needs the number of steps of the generation: use "
+                "dcfx.enable(pipe, ...) or call unet.begin(num_steps) before each generation"
+            )
+        return step in _nonuniform_set(num_steps, c.interval, c.center, c.power)
 
 
 @functools.lru_cache(maxsize=64)
