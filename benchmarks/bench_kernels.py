@@ -70,7 +70,8 @@ def print_estimate(dtype):
     """Bytes per call before and after, from the launch plans; % copy if moved at H100 copy speed."""
     size = torch.empty((), dtype=dtype).element_size()
     print(
-        f"Estimate from the kernel's launch plan, {dtype}, NCHW, {NUM_GROUPS} groups, no L2 reuse; "
+        f"Estimate from the kernel's launch plan, {dtype}, {NUM_GROUPS} groups (bytes the same in any "
+        f"layout), no L2 reuse; "
         f"H100 copy {H100_COPY_BYTES_PER_S / 1e12:.1f} TB/s"
     )
     _print_header(
