@@ -1,28 +1,49 @@
 """Run: `DeepCacheUNet`, the drop-in U-Net that picks the full or the shallow graph per step.
 
 Per call: normalise the arguments (`capture.CallBinder`), decide where the call falls in the
-current generation, look up (or build, once per input signature) the captured, split, fused
-and compiled graphs, and run one of them. Full steps copy the deep feature into a buffer the
-runtime owns (one per signature), so the shallow graph always reads the same storage: that is
-what makes a captured CUDA graph pair replayable.
+current generation, look up (or build, once per module state and input signature) the
+captured, split, fused and compiled graphs, and run one of them. Full steps copy the deep
+feature into buffers the runtime owns, so the shallow graph always reads the same storage:
+that is what makes a captured CUDA graph pair replayable.
+
+Steps and slots. A step is normally one call. Calls that evaluate the same sample at the same
+timestep (classifier-free guidance as separate uncond and cond calls) form one step: they
+share the step's full/shallow decision, and the k-th call of a step keeps its own cache (slot
+k), as a batched guidance call keeps one per batch element. "The same" is decided without
+reading the device: the same sample tensor and the same timestep tensor (same objects, not
+modified in place since), or an equal Python/numpy number as the timestep; automatic mode,
+which reads the timestep anyway, also accepts an equal sample at an equal timestep value. A
+call that repeats an earlier call of its step exactly (same tensors, same other arguments)
+starts the next step: re-running a step, e.g. to capture one CUDA graph per step. Schedulers
+that repeat a timestep (Heun, KDPM2, PNDM) pass a new sample, so each of their calls is a step.
 
 Generation boundaries, i.e. where step 0 is:
 - planned (`dcfx.enable(pipe)`): the pipeline's scheduler starts a generation at each
   `set_timesteps`; nothing is read from the device per step;
-- explicit (`begin(num_steps)`): calls are counted, nothing is read from the device;
+- explicit (`begin(num_steps)`): steps are counted, nothing is read from the device;
 - automatic (neither): the timestep's value is read on the host (a device-to-host sync per
-  call when it is a CUDA tensor). A call starts a new generation when its timestep is larger
-  than the previous call's, or equal to it right after a repeat (schedulers repeat a
+  step when it is a CUDA tensor). A step starts a new generation when its timestep is larger
+  than the previous step's, or equal to it right after a repeat (schedulers repeat a
   timestep at most once in a row). A repeat of step 0's timestep at step 1 is ambiguous (a
-  PNDM/Heun img2img start, or a new one-step generation): that call runs full, which is right
+  PNDM/Heun img2img start, or a new one-step generation): that step runs full, which is right
   either way, and counts as step 1.
-A shallow step runs the full graph instead when no cache of the same signature from the same
-generation exists, so a cache is never used across generations or input signatures.
+A call runs the full graph instead of the shallow one when its slot has no cache of the same
+module state and signature from the same generation, so a cache is never used across
+generations, input signatures or calls of a step.
+
+State. Captures and graphs are kept per module state (parameters, their dtypes and devices,
+module attributes): moving the U-Net away and back reuses them and their cache buffers. They
+are dropped when parameters are replaced (the old graphs hold the old weights), and beyond
+`_MAX_STATES` states, least recently used first. Generations and cache buffers are per
+thread, so threads may share one `DeepCacheUNet`; tracing holds `compile.TRACING` alone.
 """
 
 from __future__ import annotations
 
 import collections
+import inspect
+import numbers
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -32,51 +53,101 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .capture import Call, CallBinder, Capture, capture
-from .compile import LazyGraph
+from .compile import TRACING, LazyGraph
 from .config import DeepCacheConfig
 from .passes import deepcache_graphs, pass_options
 from .passes.split import CACHED_OUTPUTS
 from .schedule import StepSchedule
 
-# Captures and split graphs depend only on the U-Net, the call signature and the branch, so
-# wrappers of the same U-Net (e.g. one per branch while choosing one) share them.
+# Captures and split graphs depend only on the U-Net, its state, the call signature and the
+# branch, so wrappers of the same U-Net (e.g. one per branch while choosing one) share them.
 _SHARED: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 _HISTORY_LENGTH = 16
+# Calls of one step that get a cache of their own; further ones run full (bounds memory when
+# one sample is evaluated under many conditionings).
+_MAX_SLOTS = 32
+# Module states whose graphs and cache buffers are kept (dtype/device moves, FreeU on/off, ...).
+_MAX_STATES = 8
 
 
 @dataclass
+class _Cache:
+    """One slot's buffers: the full graph's cached outputs, and the generation that wrote them."""
+
+    buffers: list[torch.Tensor]
+    generation: int
+
+
+@dataclass(eq=False)
 class _Entry:
-    """Everything for one input signature: graphs and the cache buffer."""
+    """One input signature in one module state: graphs, and cache buffers per thread and slot."""
 
     capture: Capture
     full: LazyGraph
     shallow: LazyGraph
     # The full graph's last `num_cached` outputs (the feature, then e.g. its statistics),
-    # copied into these buffers on full steps and passed in order to the shallow graph.
+    # copied into a slot's buffers on full steps and passed in order to the shallow graph.
     num_cached: int = 1
-    cache: list[torch.Tensor] | None = None
-    cache_generation: int = -1
+    caches: weakref.WeakKeyDictionary[threading.Thread, list[_Cache | None]] = field(
+        default_factory=weakref.WeakKeyDictionary
+    )
+
+    @property
+    def cache(self) -> list[torch.Tensor] | None:
+        """The calling thread's buffers of slot 0 (None before its first full step)."""
+        slots = self.caches.get(threading.current_thread())
+        return slots[0].buffers if slots and slots[0] is not None else None
+
+
+@dataclass
+class _Step:
+    """The current step: what its first call passed, and each of its calls' arguments."""
+
+    index: int
+    full: bool  # the step's decision (a slot without a cache runs full anyway)
+    timestep: Any  # as passed
+    timestep_version: int | None
+    sample: Any
+    sample_version: int | None
+    calls: list[tuple] = field(default_factory=list)  # per call: `_arguments` of it
 
 
 @dataclass
 class _Generation:
     index: int = 0
-    step: int = 0  # calls made so far in this generation
-    num_steps: int | None = None  # explicit mode: its length (None: until the next begin)
+    steps: int = 0  # steps started so far in this generation
+    step: _Step | None = None
+    num_steps: int | None = None  # explicit mode: its length in steps (None: until the next begin)
     explicit: bool = False
     planned: bool = False  # started by a pipeline's scheduler (dcfx.enable)
     checked: bool = False  # the U-Net's fingerprint was checked in this generation
-    last_t: float | None = None
+    last_t: float | None = None  # automatic mode: the current step's timestep value
     last_was_repeat: bool = False
     log: list[str] = field(default_factory=list)
+
+
+def _no_plan() -> bool:
+    return False
+
+
+@dataclass
+class _ThreadState:
+    """One thread's generations (each thread runs its own)."""
+
+    gen: _Generation = field(default_factory=_Generation)
+    history: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=_HISTORY_LENGTH))
+    plan_valid: Callable[[], bool] = _no_plan
 
 
 class DeepCacheUNet(nn.Module):
     """A U-Net that runs DeepCache; build it with `dcfx.optimize`.
 
     Call it exactly like the wrapped U-Net (same arguments, same return type). Attributes it
-    does not define (`config`, `dtype`, `device`, `conv_in`, ...) are the wrapped U-Net's. The wrapped U-Net is `self.unet`; it is not modified and stays usable.
+    does not define (`config`, `dtype`, `device`, `conv_in`, ...) are the wrapped U-Net's. The
+    wrapped U-Net is `self.unet`; it is not modified and stays usable. Generations (`begin`,
+    `history`) and caches are per thread. Pickles (and `copy.deepcopy`, `torch.save`) as its
+    U-Net and config: graphs are rebuilt at the first call, generations start afresh.
     """
 
     def __init__(self, unet: nn.Module, config: DeepCacheConfig):
@@ -85,11 +156,15 @@ class DeepCacheUNet(nn.Module):
         self._dc_config = config
         self._schedule = StepSchedule(config)
         self._binder = CallBinder(unet)
-        self._entries: dict[tuple, _Entry] = {}
+        self._sample_name = next(iter(inspect.signature(unet.forward).parameters), None)
+        # fingerprint -> {signature key -> _Entry}, least recently used first.
+        self._states: collections.OrderedDict[tuple, dict[tuple, _Entry]] = collections.OrderedDict()
         self._fingerprint: tuple | None = None
-        self._gen = _Generation(index=0)
-        self._history: collections.deque[str] = collections.deque(maxlen=_HISTORY_LENGTH)
-        self._plan_valid: Callable[[], bool] = lambda: False
+        self._threads: weakref.WeakKeyDictionary[threading.Thread, _ThreadState] = weakref.WeakKeyDictionary()
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        # Graphs, caches and generations are derived state, rebuilt lazily after loading.
+        return (type(self), (self.unet, self._dc_config))
 
     # -- public -------------------------------------------------------------------------
 
@@ -99,38 +174,40 @@ class DeepCacheUNet(nn.Module):
         return self._dc_config
 
     def begin(self, num_steps: int | None = None) -> None:
-        """Start a new generation now: the next call is step 0 and is full.
+        """Start a new generation in the calling thread: its next call is step 0 and is full.
 
-        With `num_steps`, that many calls form the generation (the non-uniform schedule needs
-        it); the call after them starts a new generation again. Without, the generation lasts
+        With `num_steps`, that many steps form the generation (the non-uniform schedule needs
+        it); the step after them starts a new generation again. Without, the generation lasts
         until the next `begin`. Either way no timestep is read on the host: this is the
         sync-free path, and the one to use while capturing CUDA graphs.
         """
         if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
             raise ValueError(f"num_steps must be None or an integer >= 1, got {num_steps!r}")
         if num_steps is None and self._schedule.needs_num_steps:
-            raise ValueError("schedule='nonuniform' needs begin(num_steps), the generation's number of U-Net calls")
-        self._start_generation(explicit=True, num_steps=num_steps)
+            raise ValueError("schedule='nonuniform' needs begin(num_steps), the generation's number of steps")
+        self._start_generation(self._thread(), explicit=True, num_steps=num_steps)
 
     def is_full_step(self, step: int, num_steps: int | None = None) -> bool:
         """Whether step `step` of a generation runs the full graph under this schedule."""
         return self._schedule.is_full(step, num_steps)
 
     def full_steps(self, num_steps: int) -> tuple[int, ...]:
-        """The full steps of a generation of `num_steps` calls (e.g. to replay CUDA graphs)."""
+        """The full steps of a generation of `num_steps` steps (e.g. to replay CUDA graphs)."""
         return self._schedule.full_steps(num_steps)
 
     @property
     def history(self) -> tuple[str, ...]:
-        """The last generations' steps as strings, 'F' full and 'S' shallow, oldest first."""
-        current = "".join(self._gen.log)
-        return tuple(self._history) + ((current,) if current else ())
+        """The calling thread's last generations, one 'F' (a full graph ran) or 'S' per step."""
+        me = self._thread()
+        current = "".join(me.gen.log)
+        return tuple(me.history) + ((current,) if current else ())
 
     @property
     def compile_seconds(self) -> dict[str, float]:
         """Seconds spent in the first (compiling) call of each compiled graph, by name."""
         out = {}
-        for i, entry in enumerate(self._entries.values()):
+        entries = [e for entries in list(self._states.values()) for e in entries.values()]
+        for i, entry in enumerate(entries):
             for graph in (entry.full, entry.shallow):
                 if graph.compile_seconds is not None:
                     out[f"{graph.name}[{i}]"] = graph.compile_seconds
@@ -138,31 +215,42 @@ class DeepCacheUNet(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         call = self._binder.bind(args, kwargs)
-        force_full = self._advance(call)
-        gen = self._gen
+        thread = threading.current_thread()
+        me = self._thread(thread)
+        step, slot = self._advance(me, call, args, kwargs)
+        gen = me.gen
         if not gen.checked:
             self._check_fingerprint()
             gen.checked = True
         entry = self._entry(call)
-        full = force_full or entry.cache_generation != gen.index or self._schedule.is_full(gen.step, gen.num_steps)
+        slots = entry.caches.get(thread)
+        if slots is None:
+            slots = entry.caches[thread] = []
+        cache = slots[slot] if slot < len(slots) else None
+        full = step.full or cache is None or cache.generation != gen.index
         if full:
             outputs = entry.full(*call.tensors)
             outputs, cached = outputs[: -entry.num_cached], outputs[-entry.num_cached :]
-            # Same storage every time, so a captured shallow step reads these buffers. Detached:
-            # a cache must not keep a full step's autograd graph alive.
-            with torch.no_grad():
-                if entry.cache is None:
-                    # Normal tensors even under inference_mode, so later calls outside it
-                    # may still write them.
-                    with torch.inference_mode(False):
-                        entry.cache = [torch.empty_like(t) for t in cached]
-                for buffer, t in zip(entry.cache, cached):
-                    buffer.copy_(t)
-            entry.cache_generation = gen.index
+            if slot < _MAX_SLOTS:
+                # Same storage every time, so a captured shallow step reads these buffers.
+                # Detached: a cache must not keep a full step's autograd graph alive.
+                with torch.no_grad():
+                    if cache is None:
+                        # Normal tensors even under inference_mode, so later calls outside it
+                        # may still write them.
+                        with torch.inference_mode(False):
+                            cache = _Cache([torch.empty_like(t) for t in cached], gen.index)
+                        slots.extend([None] * (slot + 1 - len(slots)))
+                        slots[slot] = cache
+                    for buffer, t in zip(cache.buffers, cached):
+                        buffer.copy_(t)
+                cache.generation = gen.index
         else:
-            outputs = entry.shallow(*call.tensors, *entry.cache)
-        gen.step += 1
-        gen.log.append("F" if full else "S")
+            outputs = entry.shallow(*call.tensors, *cache.buffers)
+        if slot == 0:
+            gen.log.append("F" if full else "S")
+        elif full:
+            gen.log[-1] = "F"
         result = pytree.tree_unflatten(list(outputs), entry.capture.out_spec)
         if not call.return_dict and hasattr(result, "to_tuple"):
             result = result.to_tuple()
@@ -174,62 +262,93 @@ class DeepCacheUNet(nn.Module):
 
     # -- generations --------------------------------------------------------------------
 
-    def _start_generation(self, explicit: bool, num_steps: int | None = None, planned: bool = False) -> None:
-        if self._gen.log:
-            self._history.append("".join(self._gen.log))
-        self._gen = _Generation(index=self._gen.index + 1, num_steps=num_steps, explicit=explicit, planned=planned)
+    def _thread(self, thread: threading.Thread | None = None) -> _ThreadState:
+        thread = thread or threading.current_thread()
+        me = self._threads.get(thread)
+        if me is None:
+            me = self._threads[thread] = _ThreadState()
+        return me
+
+    def _start_generation(self, me: _ThreadState, explicit: bool, num_steps: int | None = None, planned: bool = False) -> None:
+        if me.gen.log:
+            me.history.append("".join(me.gen.log))
+        me.gen = _Generation(index=me.gen.index + 1, num_steps=num_steps, explicit=explicit, planned=planned)
 
     def _plan(self, num_steps: int, valid: Callable[[], bool]) -> None:
-        """Start a generation of `num_steps` calls announced by a scheduler (`dcfx.enable`).
+        """Start a generation of `num_steps` steps announced by a scheduler (`dcfx.enable`).
 
-        It ends at the next plan, after `num_steps` calls, or when `valid()` turns false (the
+        It ends at the next plan, after `num_steps` steps, or when `valid()` turns false (the
         pipeline's scheduler or U-Net was replaced); then automatic boundaries take over. A
-        plan made before the generation's first call only corrects the step count.
+        plan made before the generation's first call only corrects the step count. Like all
+        generation state, it belongs to the calling thread (the one running the pipeline).
         """
-        self._plan_valid = valid
+        me = self._thread()
+        me.plan_valid = valid
         if self._awaits_planned_start():
-            self._gen.num_steps = num_steps
+            me.gen.num_steps = num_steps
         else:
-            self._start_generation(explicit=True, num_steps=num_steps, planned=True)
+            self._start_generation(me, explicit=True, num_steps=num_steps, planned=True)
 
     def _awaits_planned_start(self) -> bool:
-        """A scheduler planned a generation whose first call has not come yet."""
-        return self._gen.planned and self._gen.step == 0
+        """A scheduler planned a generation (in this thread) whose first call has not come yet."""
+        gen = self._thread().gen
+        return gen.planned and gen.step is None
 
-    def _advance(self, call: Call) -> bool:
-        """Move to this call's place in the generations; True if it must run full anyway."""
-        gen = self._gen
+    def _advance(self, me: _ThreadState, call: Call, args: tuple, kwargs: dict) -> tuple[_Step, int]:
+        """Place this call: its step (new, or the current one) and its slot in that step."""
+        gen = me.gen
+        sample = args[0] if args else kwargs.get(self._sample_name)
+        arguments = _arguments(call, args, kwargs, sample)
+        slot = _slot_in(gen.step, call.timestep, sample, arguments)
         if gen.explicit:
-            within = gen.num_steps is None or gen.step < gen.num_steps
-            if within and (not gen.planned or self._plan_valid()):
-                return False
+            within = slot is not None or gen.num_steps is None or gen.steps < gen.num_steps
+            if within and (not gen.planned or me.plan_valid()):
+                if slot is not None:
+                    gen.step.calls.append(arguments)
+                    return gen.step, slot
+                return self._new_step(gen, call.timestep, sample, arguments, force_full=False), 0
             # The explicit generation is over, or its planner is gone: read timesteps again.
-            self._start_generation(explicit=False)
-            gen = self._gen
+            self._start_generation(me, explicit=False)
+            gen, slot = me.gen, None
+        if slot is not None:
+            gen.step.calls.append(arguments)
+            return gen.step, slot
         t = self._host_timestep(call)
+        if gen.step is not None and t == gen.last_t and _equal_sample(gen.step.sample, sample):
+            # The same sample at the same timestep value, under other conditioning.
+            slot = _next_slot(gen.step, arguments)
+            if slot is not None:
+                gen.step.calls.append(arguments)
+                return gen.step, slot
         force_full = False
-        if gen.step == 0:
-            new = False  # already at step 0 (first call, or the explicit generation ended)
+        if gen.step is None:
+            new = False  # no step yet (first call, or the explicit generation ended)
         elif t > gen.last_t:
             new = True
         elif t == gen.last_t and gen.last_was_repeat:
             new = True
-        elif t == gen.last_t and gen.step == 1:
+        elif t == gen.last_t and gen.steps == 1:
             # A scheduler's repeat (PNDM/Heun/KDPM2 img2img can start on one) or a new
             # one-step generation at the same timestep: running it full is right for both.
             new, force_full = False, True
         else:
             new = False
         if new:
-            self._start_generation(explicit=False)
-            gen = self._gen
-        gen.last_was_repeat = gen.step > 0 and t == gen.last_t
+            self._start_generation(me, explicit=False)
+            gen = me.gen
+        gen.last_was_repeat = gen.step is not None and t == gen.last_t
         gen.last_t = t
-        self._require_num_steps_known()
-        return force_full
+        self._require_num_steps_known(gen)
+        return self._new_step(gen, call.timestep, sample, arguments, force_full), 0
 
-    def _require_num_steps_known(self) -> None:
-        if self._schedule.needs_num_steps and self._gen.num_steps is None:
+    def _new_step(self, gen: _Generation, timestep: Any, sample: Any, arguments: tuple, force_full: bool) -> _Step:
+        full = force_full or self._schedule.is_full(gen.steps, gen.num_steps)
+        gen.step = _Step(gen.steps, full, timestep, _version(timestep), sample, _version(sample), [arguments])
+        gen.steps += 1
+        return gen.step
+
+    def _require_num_steps_known(self, gen: _Generation) -> None:
+        if self._schedule.needs_num_steps and gen.num_steps is None:
             raise RuntimeError(
                 "schedule='nonuniform' needs the number of steps of each generation: use "
                 "dcfx.enable(pipe, ...) with a pipeline, or call unet.begin(num_steps) before "
@@ -250,22 +369,38 @@ class DeepCacheUNet(nn.Module):
 
     # -- graphs -------------------------------------------------------------------------
 
+    @property
+    def _entries(self) -> dict[tuple, _Entry]:
+        """The current module state's entries, by signature key."""
+        return self._states.get(self._fingerprint, {})
+
     def _entry(self, call: Call) -> _Entry:
-        entry = self._entries.get(call.key)
-        if entry is None:
-            entry = self._entries[call.key] = self._build(call)
+        fp = self._fingerprint
+        entries = self._states.get(fp)
+        entry = entries.get(call.key) if entries is not None else None
+        if entry is not None:
+            return entry
+        with TRACING.exclusive():  # one trace at a time, and no graph running meanwhile
+            entries = self._states.get(fp)
+            if entries is None:
+                entries = self._states[fp] = {}
+                while len(self._states) > _MAX_STATES:
+                    self._drop_state(next(iter(self._states)))
+            entry = entries.get(call.key)
+            if entry is None:
+                entry = entries[call.key] = self._build(call, fp)
         return entry
 
-    def _build(self, call: Call) -> _Entry:
-        # Shared by all wrappers of this U-Net: the capture per signature, the split (and
-        # fused) graphs per signature and branch. Compiled callables stay per wrapper.
+    def _build(self, call: Call, fp: tuple) -> _Entry:
+        # Shared by all wrappers of this U-Net: the capture per state and signature, the split
+        # (and fused) graphs per state, signature and branch. Compiled callables stay per wrapper.
         shared = _SHARED.setdefault(self.unet, {})
-        key = (self._fingerprint, call.key, None)
+        key = (fp, call.key, None)
         cap = shared.get(key)
         if cap is None:
             cap = shared[key] = capture(self.unet, call)
         options = pass_options(self._dc_config)
-        graphs_key = (self._fingerprint, call.key, options)
+        graphs_key = (fp, call.key, options)
         graphs = shared.get(graphs_key)
         if graphs is None:
             graphs = shared[graphs_key] = deepcache_graphs(cap.graph_module, *options)
@@ -275,27 +410,42 @@ class DeepCacheUNet(nn.Module):
             num_cached=full.meta.get(CACHED_OUTPUTS, 1),
         )
 
+    def _drop_state(self, fp: tuple) -> None:
+        self._states.pop(fp, None)
+        shared = _SHARED.get(self.unet)
+        if shared:
+            for k in [k for k in shared if k[0] == fp]:
+                del shared[k]
+
     def _check_fingerprint(self, state: bool = True) -> None:
-        # A U-Net whose parameters were moved, cast, replaced or added (.to(), LoRA layers),
-        # or, checked once per generation, whose module state changed (FreeU factors,
-        # attention processors, adapter flags) since the graphs were captured is recaptured.
-        params = _param_fingerprint(self.unet)
+        # The U-Net's parameters (which tensors, their dtypes and devices) and, checked once per
+        # generation, its module state (FreeU factors, attention processors, adapter flags)
+        # select the graphs. A state seen before (moved away and back) gets its graphs and
+        # buffers back; parameters replaced or added (LoRA layers) drop all other states.
+        identity, layout = _param_fingerprint(self.unet)
         if state or self._fingerprint is None:
             digest = _state_digest(self.unet)
         else:
-            digest = self._fingerprint[1]
-        fp = (params, digest)
-        if fp != self._fingerprint:
-            self._entries.clear()
-            stale = _SHARED.get(self.unet)
-            if stale:
-                for k in [k for k in stale if k[0] != fp]:
-                    del stale[k]
-            self._fingerprint = fp
+            digest = self._fingerprint[2]
+        fp = (identity, layout, digest)
+        if fp == self._fingerprint:
+            return
+        if self._fingerprint is not None and identity != self._fingerprint[0]:
+            with TRACING.exclusive():
+                for old in [k for k in self._states if k[0] != identity]:
+                    self._drop_state(old)
+                shared = _SHARED.get(self.unet)
+                if shared:
+                    for k in [k for k in shared if k[0][0] != identity]:
+                        del shared[k]
+        elif fp in self._states:
+            self._states.move_to_end(fp)
+        self._fingerprint = fp
 
     def _apply(self, fn, recurse=True):
-        # .to(), .half(), ...: graphs bake in dtypes and devices, so a real change recaptures;
-        # a no-op move (CPU offload hooks call .to() before every forward) keeps everything.
+        # .to(), .half(), ...: graphs bake in dtypes and devices, so a real change switches to
+        # that state's graphs (captured at its first call); a no-op move (CPU offload hooks
+        # call .to() before every forward) keeps everything.
         result = super()._apply(fn, recurse)
         if self._fingerprint is not None:
             self._check_fingerprint(state=False)
@@ -311,13 +461,96 @@ class DeepCacheUNet(nn.Module):
             return getattr(modules["unet"], name)
 
 
-def _param_fingerprint(module: nn.Module) -> tuple:
-    # Not data pointers: graphs read the parameters through the same Parameter objects, so
-    # weights moved away and back (CPU offload) need no new capture; a device change does.
-    return (module.training,) + tuple(
-        (name, id(t), t.dtype, t.device, tuple(t.shape))
-        for name, t in (*module.named_parameters(), *module.named_buffers())
-    )
+# -- steps ----------------------------------------------------------------------------------
+
+
+def _version(x: Any) -> int | None:
+    """A tensor's in-place modification counter (host metadata: no device read)."""
+    if not isinstance(x, torch.Tensor):
+        return None
+    try:
+        return x._version
+    except RuntimeError:  # inference tensors have none: only their identity counts
+        return None
+
+
+def _same(x: Any, obj: Any, version: int | None) -> bool:
+    """`x` is `obj`, unmodified since `version` was read (for tensors), or an equal number."""
+    if isinstance(x, torch.Tensor):
+        return x is obj and _version(x) == version
+    if isinstance(x, numbers.Number) and not isinstance(x, bool) and isinstance(obj, numbers.Number):
+        return x == obj
+    return False
+
+
+def _arguments(call: Call, args: tuple, kwargs: dict, sample: Any) -> tuple:
+    """What tells a call from an exact repeat: its signature and its tensors other than the
+    sample, held weakly (a tensor freed since cannot be passed again)."""
+    tensors: list[torch.Tensor] = []
+    _collect_tensors((args, kwargs), tensors)
+    return call.key, tuple((weakref.ref(x), _version(x)) for x in tensors if x is not sample)
+
+
+def _collect_tensors(obj: Any, out: list[torch.Tensor]) -> None:
+    # Not torch's pytree: this runs per call, and U-Net arguments nest only in dicts and tuples.
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, (tuple, list)):
+        for x in obj:
+            _collect_tensors(x, out)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            _collect_tensors(x, out)
+
+
+def _same_arguments(a: tuple, b: tuple) -> bool:
+    (key_a, tensors_a), (key_b, tensors_b) = a, b
+    if len(tensors_a) != len(tensors_b) or key_a != key_b:
+        return False
+    return all(ra() is rb() and ra() is not None and va == vb for (ra, va), (rb, vb) in zip(tensors_a, tensors_b))
+
+
+def _slot_in(step: _Step | None, timestep: Any, sample: Any, arguments: tuple) -> int | None:
+    """This call's slot if it joins `step` (the same sample and timestep objects, and not an
+    exact repeat of one of the step's calls), else None."""
+    if step is None:
+        return None
+    if not (_same(sample, step.sample, step.sample_version) and _same(timestep, step.timestep, step.timestep_version)):
+        return None
+    return _next_slot(step, arguments)
+
+
+def _next_slot(step: _Step, arguments: tuple) -> int | None:
+    """The slot of a call evaluating `step`'s sample at its timestep; None for an exact repeat
+    of one of the step's calls (a re-run of the step: the next step)."""
+    if any(_same_arguments(arguments, earlier) for earlier in step.calls):
+        return None
+    return len(step.calls)
+
+
+def _equal_sample(a: Any, b: Any) -> bool:
+    """Equal values (automatic mode only: a device read)."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return False
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    return a is b or bool(torch.equal(a, b))
+
+
+# -- module state ---------------------------------------------------------------------------
+
+
+def _param_fingerprint(module: nn.Module) -> tuple[tuple, tuple]:
+    """(which tensors, their layout): parameters and buffers by name and identity, and the
+    training flag, dtypes, devices and shapes.
+
+    Not data pointers: graphs read the parameters through the same Parameter objects, so
+    weights moved away and back (CPU offload) reuse that state's graphs.
+    """
+    tensors = (*module.named_parameters(), *module.named_buffers())
+    identity = tuple((name, id(t)) for name, t in tensors)
+    layout = (module.training,) + tuple((t.dtype, t.device, tuple(t.shape)) for _, t in tensors)
+    return identity, layout
 
 
 _SCALARS = (bool, int, float, str, type(None))
