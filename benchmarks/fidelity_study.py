@@ -1,6 +1,6 @@
 """How much quality DeepCache costs on the embedded digits model, and is it better than fewer steps?
 
-    python benchmarks/fidelity_study.py [--samples 100] [--seeds 0 1 2] [--steps 50]
+    python benchmarks/fidelity_study.py [--samples 80] [--seeds 0 1 2] [--steps 50]
         [--intervals 2 3 5 10] [--branches 0 1 3] [--nonuniform 3 5 10] [--out-dir benchmarks/results]
 
 For every seed (its own noise, `--samples` images, labels 0..9 in turn) it samples plain DDIM
@@ -41,7 +41,7 @@ METRICS = ("accuracy", "frechet", "psnr", "max_err")
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--samples", type=int, default=100, help="samples per seed and setting")
+    p.add_argument("--samples", type=int, default=80, help="samples per seed and setting")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 5, 10])

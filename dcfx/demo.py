@@ -296,7 +296,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of the plain reference and of dcfx")
     p.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), metavar="N:B[:SCHEDULE]",
                    help="dcfx settings, interval:branch[:uniform|nonuniform] (default: %(default)s)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (digits default 2.0; 1 = off)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (digits default 1.5; 1 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-matched", action="store_true", help="skip the fewer-step DDIM rows")
     p.add_argument("--out", type=Path, default=Path("dcfx_demo.png"), help="PNG grid to write (default: %(default)s)")

@@ -29,7 +29,7 @@ from .data import NUM_CLASSES, RESOLUTION
 WEIGHTS_DIR = Path(__file__).parent / "digits"
 TOKENS_PER_CLASS = 4
 CROSS_ATTENTION_DIM = 64
-DEFAULT_GUIDANCE_SCALE = 2.0
+DEFAULT_GUIDANCE_SCALE = 1.5
 
 
 def unet_config() -> dict[str, Any]:
@@ -80,7 +80,7 @@ class LabelEmbedding(ModelMixin, ConfigMixin):
 class DigitsPipeline(DiffusionPipeline):
     """Class-conditional digit generation with classifier-free guidance, as SD samples text.
 
-    `pipe(labels, num_inference_steps=50, guidance_scale=2.0, generator=...)` returns
+    `pipe(labels, num_inference_steps=50, guidance_scale=1.5, generator=...)` returns
     `ImagePipelineOutput(images)`: PIL images by default, or `output_type="pt"` for a
     (B, 1, 16, 16) tensor in [0, 1], `"np"` for a (B, 16, 16, 1) array. Any diffusers
     scheduler works (`pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)`).

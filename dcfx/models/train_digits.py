@@ -5,7 +5,8 @@ SD-shaped `UNet2DConditionModel` and its label embedding on the training split o
 scikit-learn's digits, with labels dropped to "no label" 10% of the time so that
 classifier-free guidance works. AdamW with warm-up and cosine decay; the saved weights are
 an exponential moving average. Seeded: the same machine, thread count and versions give the
-same weights. About 40 minutes on a 2-core CPU with the defaults; not run by CI.
+same weights. The shipped weights took 48 minutes on a shared 2-core CPU (`training.json`);
+not run by CI.
 """
 
 from __future__ import annotations
