@@ -302,6 +302,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("dcfx_demo.png"), help="PNG grid to write (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="overwrite --out even if the demo did not write it")
     p.add_argument("--columns", type=int, default=20, help="samples per row in the grid")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
 
 
 def run(args: argparse.Namespace) -> str:
@@ -309,6 +310,10 @@ def run(args: argparse.Namespace) -> str:
     if args.samples < 1 or args.steps < 1:
         raise ValueError(f"--samples and --steps must be >= 1, got {args.samples} and {args.steps}")
     settings = [parse_setting(s, args.steps) if isinstance(s, str) else s for s in args.settings]
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     note = check_output(args.out, args.force)
     model, is_digits = load_model(args.model)
     if is_digits:

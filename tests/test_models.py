@@ -148,7 +148,9 @@ def test_missing_or_corrupt_weights_say_what_was_expected(tmp_path):
 
 
 def _dcfx(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dcfx", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    # One thread, as the in-process tests: spinning OpenMP threads crawl on a loaded machine.
+    threads = ("--threads", "1") if args[0] == "demo" else ()
+    return subprocess.run([sys.executable, "-m", "dcfx", *args, *threads], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
 def test_demo_prints_the_table_and_writes_the_grid(tmp_path):
