@@ -247,7 +247,8 @@ class DeepCacheUNet(nn.Module):
                 cache.generation = gen.index
         else:
             outputs = entry.shallow(*call.tensors, *cache.buffers)
-        if slot == 0:
+        if slot == 0 or not gen.log:
+            # (The step's first call may have failed before logging: capture of a bad call.)
             gen.log.append("F" if full else "S")
         elif full:
             gen.log[-1] = "F"

@@ -372,3 +372,16 @@ def test_pickle_copy_and_torch_save_round_trip(tiny):
         assert clone.history == ("FSF",)
         for a, b in zip(outs, expected):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_call_that_fails_in_capture_does_not_break_the_next_call():
+    # A rejected first call (wrong conditioning width) registers its step; the corrected call
+    # at the same timestep then runs as that step's next call and must work.
+    unet = tiny_unet()
+    fast = dcfx.optimize(unet, interval=2, branch=0)
+    x, t = torch.randn(2, 4, LATENT, LATENT), torch.tensor(999)
+    with pytest.raises(Exception):
+        fast(x, t, encoder_hidden_states=torch.randn(2, TOKENS, CROSS_DIM + 1))
+    with torch.no_grad():
+        out = fast(x, t, encoder_hidden_states=torch.randn(2, TOKENS, CROSS_DIM)).sample
+    assert out.shape == x.shape and fast.history[-1] == "F"
