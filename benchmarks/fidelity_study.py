@@ -167,9 +167,10 @@ def _plot(summary, path: Path, args) -> None:
     """Fréchet distance and accuracy against FLOP speedup, dcfx settings and DDIM steps."""
     from PIL import Image, ImageDraw
 
-    panels = (("frechet", "Fréchet distance (lower is better)"), ("accuracy", "class accuracy (higher is better)"))
-    W, H, M = 520, 360, 56
-    img = Image.new("RGB", (W * len(panels), H), "white")
+    # PIL's built-in font is ASCII only: no accents in the labels.
+    panels = (("frechet", "Frechet distance to held-out digits (lower is better)"), ("accuracy", "class accuracy (higher is better)"))
+    W, H, M, LEGEND = 520, 360, 56, 28
+    img = Image.new("RGB", (W * len(panels), H + LEGEND), "white")
     d = ImageDraw.Draw(img)
     xs = [s["flops_speedup"] for s in summary.values()]
     x_lo, x_hi = 0.9, max(xs) * 1.05
@@ -180,8 +181,8 @@ def _plot(summary, path: Path, args) -> None:
     groups["dcfx b=0 nonuniform"] = (palette[len(args.branches) % len(palette)], lambda n: n.endswith("nonuniform"))
     for k, (metric, title) in enumerate(panels):
         ox = k * W
-        ys = [s[metric][0] for s in summary.values()]
-        y_lo, y_hi = min(ys), max(ys)
+        y_lo = min(s[metric][0] - s[metric][1] for s in summary.values())  # error bars included
+        y_hi = max(s[metric][0] + s[metric][1] for s in summary.values())
         pad = (y_hi - y_lo) * 0.1 or 1.0
         y_lo, y_hi = y_lo - pad, y_hi + pad
         px = lambda x: ox + M + (x - x_lo) / (x_hi - x_lo) * (W - 2 * M)  # noqa: E731
@@ -203,10 +204,12 @@ def _plot(summary, path: Path, args) -> None:
             for x, y, e in pts:
                 d.line([px(x), py(y - e), px(x), py(y + e)], fill=color)  # error bar: ± std over seeds
                 d.ellipse([px(x) - 3, py(y) - 3, px(x) + 3, py(y) + 3], fill=color)
-        if k == 0:
-            for j, (g, (color, _)) in enumerate(groups.items()):
-                d.rectangle([ox + M + 8, M + 8 + 14 * j, ox + M + 16, M + 16 + 14 * j], fill=color)
-                d.text((ox + M + 20, M + 6 + 14 * j), g, fill="black")
+    x = M
+    for j, (g, (color, _)) in enumerate(groups.items()):  # legend: one row under both panels
+        label = g + " (bars: std over seeds)" * (j == 0)
+        d.rectangle([x, H + 6, x + 8, H + 14], fill=color)
+        d.text((x + 12, H + 4), label, fill="black")
+        x += 12 + 6 * len(label) + 24
     img.save(path)
 
 
