@@ -36,7 +36,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
 import dcfx
-from dcfx.__main__ import build_unet
+from dcfx.example import build_unet
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 VARIANTS = (
