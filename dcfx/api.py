@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from . import compile as _compile
 from .capture import CallBinder
 from .config import DeepCacheConfig
 from .runtime import DeepCacheUNet
@@ -22,6 +23,12 @@ def optimize(unet: nn.Module, config: DeepCacheConfig | None = None, **options: 
     Nothing happens to `unet`: graphs are captured lazily, per input signature, at the first
     call, and share its weights. Passing a `DeepCacheUNet` re-wraps its U-Net with the new
     config (and reuses the captures).
+
+    A compiled U-Net (`torch.compile(unet, ...)` or after `unet.compile(...)`) is run as the
+    plain U-Net it wraps, with its torch.compile settings applied to the full and the shallow
+    graph (they replace the config's compile settings); `dcfx.disable` gives the compiled
+    module back. Compiling afterwards works the same: `torch.compile(fast, ...)` or
+    `fast.compile(...)`.
 
     >>> import dcfx, torch
     >>> from diffusers import UNet2DModel
@@ -46,13 +53,17 @@ def optimize(unet: nn.Module, config: DeepCacheConfig | None = None, **options: 
     elif not isinstance(config, DeepCacheConfig):
         raise TypeError(f"config must be a DeepCacheConfig, got {type(config).__name__}")
     if isinstance(unet, DeepCacheUNet):
-        unet = unet.unet
+        unet = unet.given
     if not isinstance(unet, nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module U-Net, got {type(unet).__name__}")
+    given = unet
+    unet, compiler, compiled = _compile.of_module(unet)
     not_a_unet = CallBinder(unet).not_a_unet
     if not_a_unet:
         raise TypeError(not_a_unet)
-    return DeepCacheUNet(unet, config)
+    fast = DeepCacheUNet(unet, config, compiler) if compiled else DeepCacheUNet(unet, config)
+    fast.__dict__["_dc_given"] = given  # not a submodule: `unet` already registers its weights
+    return fast
 
 
 def enable(pipe: Any, config: DeepCacheConfig | None = None, **options: Any) -> DeepCacheUNet:
@@ -94,9 +105,9 @@ def disable(pipe: Any) -> nn.Module:
         del attributes["save_pretrained"]
     if isinstance(pipe.unet, DeepCacheUNet):
         if _registered_class(pipe) == DeepCacheUNet.__name__:
-            pipe.unet = pipe.unet.unet  # assigned by hand: diffusers records the plain one again
+            pipe.unet = pipe.unet.given  # assigned by hand: diffusers records the plain one again
         else:
-            _set_unet(pipe, pipe.unet.unet)
+            _set_unet(pipe, pipe.unet.given)
     return pipe.unet
 
 
@@ -133,7 +144,7 @@ def _save_pretrained(self: Any, *args: Any, **kwargs: Any) -> Any:
     fast = self.__dict__.get("unet")
     if not isinstance(fast, DeepCacheUNet):
         return type(self).save_pretrained(self, *args, **kwargs)
-    object.__setattr__(self, "unet", fast.unet)
+    object.__setattr__(self, "unet", fast.given)
     try:
         return type(self).save_pretrained(self, *args, **kwargs)
     finally:

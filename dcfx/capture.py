@@ -61,14 +61,10 @@ class CallBinder:
             for p in params if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
         ]
         if variadic:
-            hint = (
-                " (a torch.compile'd module: pass the original, `model._orig_mod`, and use "
-                "compile=True)" if hasattr(module, "_orig_mod") else ""
-            )
             raise TypeError(
                 f"dcfx needs a U-Net whose forward names its parameters, like diffusers' "
                 f"UNet2DConditionModel; {self._name}.forward{self._signature} has "
-                f"{', '.join(variadic)}{hint}"
+                f"{', '.join(variadic)}"
             )
         names = [p.name for p in params]
         # The timestep is the second parameter of every diffusers U-Net (`timestep`).
@@ -256,3 +252,31 @@ def module_path(node: torch.fx.Node) -> str:
 def unflatten_output(out: tuple, out_spec: pytree.TreeSpec) -> Any:
     return pytree.tree_unflatten(list(out), out_spec)
 
+
+
+class _Leaf:
+    """A signature key's leaf, opaque to pytree (its tuples are not containers)."""
+
+    def __init__(self, key: Any):
+        self.key = key
+
+
+def describe_signature(key: tuple) -> str:
+    """A signature key (`Call.key`) in words: each tensor argument's dtype, shape and device,
+    and the non-tensor arguments that are set, e.g.
+    "sample float32[2, 4, 8, 8] cpu, timestep int64[1] cpu, encoder_hidden_states ...".
+    """
+    spec, leaves, autocast = key
+    tree = pytree.tree_unflatten([_Leaf(x) for x in leaves], spec)
+    parts = []
+    for path, leaf in pytree.tree_flatten_with_path(tree)[0]:
+        name = pytree.keystr(path).replace("['", ".").replace("']", "").lstrip(".")
+        kind, *rest = leaf.key
+        if kind == "T":
+            shape, dtype, device = rest
+            parts.append(f"{name} {str(dtype).removeprefix('torch.')}{list(shape)} {device}")
+        elif rest[-1] is not None:
+            parts.append(f"{name}={rest[-1]!r}")
+    if autocast:
+        parts.append(f"autocast {autocast}")
+    return ", ".join(parts)

@@ -41,20 +41,24 @@ thread, so threads may share one `DeepCacheUNet`; tracing holds `compile.TRACING
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import inspect
 import numbers
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from .capture import Call, CallBinder, Capture, capture
-from .compile import TRACING, LazyGraph
+from . import compile as _compile
+from .capture import Call, CallBinder, capture, describe_signature
+from .compile import TRACING, Compiler, LazyGraph
 from .config import DeepCacheConfig
+from .inspection import DeepCacheGraphs
 from .passes import deepcache_graphs, pass_options
 from .passes.split import CACHED_OUTPUTS
 from .schedule import StepSchedule
@@ -79,19 +83,38 @@ class _Cache:
     generation: int
 
 
+class _Fixed:
+    """A graph that runs as given (an AOT-compiled one): never captured nor compiled again."""
+
+    def __init__(self, fn: Callable, name: str):
+        self.fn = fn
+        self.name = name
+        self.compile_seconds = None
+
+    def __call__(self, compiler: Compiler | None, *args: torch.Tensor) -> tuple:
+        with TRACING.shared():
+            return tuple(self.fn(*args))
+
+
 @dataclass(eq=False)
 class _Entry:
     """One input signature in one module state: graphs, and cache buffers per thread and slot."""
 
-    capture: Capture
-    full: LazyGraph
-    shallow: LazyGraph
+    out_spec: pytree.TreeSpec
+    full: LazyGraph | _Fixed
+    shallow: LazyGraph | _Fixed
     # The full graph's last `num_cached` outputs (the feature, then e.g. its statistics),
     # copied into a slot's buffers on full steps and passed in order to the shallow graph.
     num_cached: int = 1
+    branch: int = 0
     caches: weakref.WeakKeyDictionary[threading.Thread, list[_Cache | None]] = field(
         default_factory=weakref.WeakKeyDictionary
     )
+
+    def __post_init__(self) -> None:
+        # Profiler (and NVTX) range names: which graph ran, at which branch.
+        self.full_range = f"dcfx.full[b{self.branch}]"
+        self.shallow_range = f"dcfx.shallow[b{self.branch}]"
 
     @property
     def cache(self) -> list[torch.Tensor] | None:
@@ -148,12 +171,25 @@ class DeepCacheUNet(nn.Module):
     wrapped U-Net is `self.unet`; it is not modified and stays usable. Generations (`begin`,
     `history`) and caches are per thread. Pickles (and `copy.deepcopy`, `torch.save`) as its
     U-Net and config: graphs are rebuilt at the first call, generations start afresh.
+
+    Compiling: `compile=True` in the config, `fast.compile(...)`, `torch.compile(fast, ...)`, or
+    a U-Net compiled before `optimize` all compile the full and the shallow graph with those
+    torch.compile settings (whole graphs, static shapes, once per input signature); the
+    per-step bookkeeping stays in Python, outside any compiled region.
     """
 
-    def __init__(self, unet: nn.Module, config: DeepCacheConfig):
+    # torch.compile of this module (or of a model around it) must not trace the per-step host
+    # logic: that would graph-break at every call and recompile per step and per signature.
+    # Instead the call runs here, and the graphs are compiled with the wrapper's settings.
+    __call__ = torch.compiler.disable(nn.Module.__call__)
+
+    def __init__(self, unet: nn.Module, config: DeepCacheConfig, compiler: Compiler | None = None):
         super().__init__()
         self.unet = unet
         self._dc_config = config
+        self._compiler = compiler if compiler is not None else _compile.from_config(config)
+        self._outer: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+        self._preloaded: tuple[tuple, str, _Entry] | None = None
         self._schedule = StepSchedule(config)
         self._binder = CallBinder(unet)
         self._sample_name = next(iter(inspect.signature(unet.forward).parameters), None)
@@ -164,9 +200,35 @@ class DeepCacheUNet(nn.Module):
 
     def __reduce_ex__(self, protocol: int) -> tuple:
         # Graphs, caches and generations are derived state, rebuilt lazily after loading.
+        if self._preloaded is not None:
+            raise TypeError("a DeepCacheUNet loaded from an AOT package cannot be pickled; load the package again")
         return (type(self), (self.unet, self._dc_config))
 
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """Compile the full and the shallow graph with these torch.compile settings.
+
+        Takes torch.compile's keyword arguments (`mode=`, `options=`, `backend=`,
+        `disable=`); the graphs are always compiled whole (`fullgraph=True`) with static
+        shapes, once per input signature, at their first call. Replaces the config's compile
+        settings; `torch.compile(fast, ...)` does the same for calls made through it.
+        """
+        compiler = _compile.from_arguments(args, kwargs, f"{type(self).__name__}.compile()")
+        self._compiler = compiler
+        if compiler is None or isinstance(compiler.backend, str) and compiler.backend == "inductor":
+            self._dc_config = dataclasses.replace(
+                self._dc_config,
+                compile=compiler is not None,
+                compile_mode=compiler.mode if compiler else None,
+                compile_options=(compiler.options or {}) if compiler else {},
+            )
+
     # -- public -------------------------------------------------------------------------
+
+    @property
+    def given(self) -> nn.Module:
+        """The module `dcfx.optimize` was given: `self.unet`, or the torch.compile'd module
+        around it (what `dcfx.disable` restores)."""
+        return self.__dict__.get("_dc_given", self.unet)
 
     @property
     def deepcache_config(self) -> DeepCacheConfig:
@@ -202,6 +264,29 @@ class DeepCacheUNet(nn.Module):
         current = "".join(me.gen.log)
         return tuple(me.history) + ((current,) if current else ())
 
+    def graphs(self, *args: Any, **kwargs: Any) -> DeepCacheGraphs:
+        """The full and the shallow graph this module runs for a call with these arguments.
+
+        Call it like the U-Net. It captures (once per input signature, shared with the
+        runtime) but runs nothing and leaves generations alone. `.cut` describes where the
+        U-Net is cut and what a shallow step runs.
+        """
+        call = self._binder.bind(args, kwargs)
+        self._check_fingerprint()
+        entry = self._entry(call)
+        if not isinstance(entry.full, LazyGraph):
+            raise TypeError("this DeepCacheUNet runs AOT-compiled graphs (a loaded package): it has no FX graphs")
+        return DeepCacheGraphs(
+            full=entry.full.graph,
+            shallow=entry.shallow.graph,
+            inputs=call.tensors,
+            num_cached=entry.num_cached,
+            branch=self._dc_config.branch,
+            out_spec=entry.out_spec,
+            key=call.key,
+            signature=describe_signature(call.key),
+        )
+
     @property
     def compile_seconds(self) -> dict[str, float]:
         """Seconds spent in the first (compiling) call of each compiled graph, by name."""
@@ -223,39 +308,51 @@ class DeepCacheUNet(nn.Module):
             self._check_fingerprint()
             gen.checked = True
         entry = self._entry(call)
+        found, compiler = _compile.outer(self, self._outer)
+        if not found:
+            compiler = self._compiler
         slots = entry.caches.get(thread)
         if slots is None:
             slots = entry.caches[thread] = []
         cache = slots[slot] if slot < len(slots) else None
         full = step.full or cache is None or cache.generation != gen.index
+        cuda = call.tensors[0].is_cuda if call.tensors else False
         if full:
-            outputs = entry.full(*call.tensors)
-            outputs, cached = outputs[: -entry.num_cached], outputs[-entry.num_cached :]
-            if slot < _MAX_SLOTS:
-                # Same storage every time, so a captured shallow step reads these buffers.
-                # Detached: a cache must not keep a full step's autograd graph alive.
-                with torch.no_grad():
-                    if cache is None:
-                        # Normal tensors even under inference_mode, so later calls outside it
-                        # may still write them.
-                        with torch.inference_mode(False):
-                            cache = _Cache([torch.empty_like(t) for t in cached], gen.index)
-                        slots.extend([None] * (slot + 1 - len(slots)))
-                        slots[slot] = cache
-                    for buffer, t in zip(cache.buffers, cached):
-                        buffer.copy_(t)
-                cache.generation = gen.index
+            with _range(entry.full_range, cuda):
+                outputs = entry.full(compiler, *call.tensors)
+                outputs, cached = outputs[: -entry.num_cached], outputs[-entry.num_cached :]
+                if slot < _MAX_SLOTS:
+                    with _range("dcfx.cache_copy", cuda):
+                        cache = self._store(slots, slot, cache, cached, gen.index)
         else:
-            outputs = entry.shallow(*call.tensors, *cache.buffers)
+            with _range(entry.shallow_range, cuda):
+                outputs = entry.shallow(compiler, *call.tensors, *cache.buffers)
         if slot == 0 or not gen.log:
             # (The step's first call may have failed before logging: capture of a bad call.)
             gen.log.append("F" if full else "S")
         elif full:
             gen.log[-1] = "F"
-        result = pytree.tree_unflatten(list(outputs), entry.capture.out_spec)
+        result = pytree.tree_unflatten(list(outputs), entry.out_spec)
         if not call.return_dict and hasattr(result, "to_tuple"):
             result = result.to_tuple()
         return result
+
+    @staticmethod
+    def _store(slots: list[_Cache | None], slot: int, cache: _Cache | None, cached: tuple, generation: int) -> _Cache:
+        # Same storage every time, so a captured shallow step reads these buffers.
+        # Detached: a cache must not keep a full step's autograd graph alive.
+        with torch.no_grad():
+            if cache is None:
+                # Normal tensors even under inference_mode, so later calls outside it may
+                # still write them.
+                with torch.inference_mode(False):
+                    cache = _Cache([torch.empty_like(t) for t in cached], generation)
+                slots.extend([None] * (slot + 1 - len(slots)))
+                slots[slot] = cache
+            for buffer, t in zip(cache.buffers, cached):
+                buffer.copy_(t)
+        cache.generation = generation
+        return cache
 
     def extra_repr(self) -> str:
         c = self._dc_config
@@ -376,6 +473,14 @@ class DeepCacheUNet(nn.Module):
         return self._states.get(self._fingerprint, {})
 
     def _entry(self, call: Call) -> _Entry:
+        if self._preloaded is not None:
+            key, signature, entry = self._preloaded
+            if call.key != key:
+                raise ValueError(
+                    f"this DeepCacheUNet runs an AOT package built for one input signature: "
+                    f"{signature}; this call has {describe_signature(call.key)}"
+                )
+            return entry
         fp = self._fingerprint
         entries = self._states.get(fp)
         entry = entries.get(call.key) if entries is not None else None
@@ -407,9 +512,19 @@ class DeepCacheUNet(nn.Module):
             graphs = shared[graphs_key] = deepcache_graphs(cap.graph_module, *options)
         full, shallow = graphs
         return _Entry(
-            cap, LazyGraph(full, self._dc_config, "full"), LazyGraph(shallow, self._dc_config, "shallow"),
-            num_cached=full.meta.get(CACHED_OUTPUTS, 1),
+            cap.out_spec, LazyGraph(full, "full"), LazyGraph(shallow, "shallow"),
+            num_cached=full.meta.get(CACHED_OUTPUTS, 1), branch=self._dc_config.branch,
         )
+
+    def _preload(self, graphs: Any, full: Callable, shallow: Callable) -> None:
+        """Run `full`/`shallow` (AOT-compiled graphs) for calls with `graphs.key`, and refuse
+        every other signature. `graphs` has `key`, `signature`, `out_spec`, `num_cached` (a
+        `DeepCacheGraphs` or a package's record of one)."""
+        entry = _Entry(
+            graphs.out_spec, _Fixed(full, "full"), _Fixed(shallow, "shallow"),
+            num_cached=graphs.num_cached, branch=self._dc_config.branch,
+        )
+        self._preloaded = (graphs.key, graphs.signature, entry)
 
     def _drop_state(self, fp: tuple) -> None:
         self._states.pop(fp, None)
@@ -460,6 +575,18 @@ class DeepCacheUNet(nn.Module):
             if "unet" not in modules or name.startswith("_dc"):
                 raise
             return getattr(modules["unet"], name)
+
+
+@contextlib.contextmanager
+def _range(name: str, cuda: bool) -> Iterator[None]:
+    """A profiler range (entered only while a profiler runs) and, on CUDA, an NVTX range, so
+    traces and Nsight timelines say which graph each step ran."""
+    with contextlib.ExitStack() as stack:
+        if torch.autograd._profiler_enabled():
+            stack.enter_context(torch.profiler.record_function(name))
+        if cuda:
+            stack.enter_context(torch.cuda.nvtx.range(name))
+        yield
 
 
 # -- steps ----------------------------------------------------------------------------------

@@ -209,7 +209,8 @@ def test_arguments_the_unet_rejects_raise_its_own_error(unet, make_args):
     assert str(ours.value) == str(plain.value)
     assert ours.value.__suppress_context__  # not chained to torch.export's failure
     frames = len(traceback.extract_tb(ours.value.__traceback__))
-    assert frames <= len(traceback.extract_tb(plain.value.__traceback__)) + 10, frames
+    # dcfx's own frames (runtime, capture, the dynamo-disabled __call__), not export's dozens.
+    assert frames <= len(traceback.extract_tb(plain.value.__traceback__)) + 12, frames
     assert not logged, [r.getMessage() for r in logged]
     fast.begin()
     with torch.no_grad():  # the wrapper still works for a valid call

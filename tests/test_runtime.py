@@ -713,6 +713,10 @@ def test_changed_module_state_is_recaptured(inputs):
     torch.testing.assert_close(run(fast, x, 950, e), run(unet, x, 950, e), rtol=0, atol=0)
 
 
-def test_variadic_forward_is_rejected_with_a_hint(unet):
-    with pytest.raises(TypeError, match=r"_orig_mod.*compile=True"):
-        dcfx.optimize(torch.compile(unet))
+def test_variadic_forward_is_rejected():
+    class Wrapper(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            return args
+
+    with pytest.raises(TypeError, match=r"names its parameters.*\*args, \*\*kwargs"):
+        dcfx.optimize(Wrapper())
