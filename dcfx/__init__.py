@@ -9,12 +9,14 @@ optionally compiles both graphs (compile) and runs one of them per step (runtime
 
 from .api import disable, enable, optimize
 from .config import DeepCacheConfig
+from .inspection import DeepCacheGraphs
 from .report import Report, report
 from .runtime import DeepCacheUNet
 from .schedule import nonuniform_full_steps
 
 __all__ = [
     "DeepCacheConfig",
+    "DeepCacheGraphs",
     "DeepCacheUNet",
     "Report",
     "disable",

@@ -137,7 +137,9 @@ class Compiler:
         )
 
     def __str__(self) -> str:
-        backend = self.backend if isinstance(self.backend, str) else getattr(self.backend, "compiler_name", type(self.backend).__name__)
+        backend = self.backend
+        if not isinstance(backend, str):
+            backend = getattr(backend, "compiler_name", None) or getattr(backend, "__name__", type(backend).__name__)
         parts = [f"backend={backend!r}"]
         if self.mode:
             parts.append(f"mode={self.mode!r}")
@@ -271,12 +273,13 @@ class LazyGraph:
                 out = fn(*args)
             except Exception as e:  # noqa: BLE001 - reported, then the graph runs uncompiled
                 out = self.graph(*args)  # an error of the call itself is raised here, plainly
+                cause = getattr(e, "inner_exception", None) or e  # dynamo wraps backend errors
+                message = str(cause).strip().splitlines()
                 warnings.warn(
                     f"dcfx: {compiler} failed on the {self.name} graph "
-                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                    f"this graph runs uncompiled",
+                    f"({type(cause).__name__}: {message[0] if message else ''}); this graph runs uncompiled",
                     RuntimeWarning,
-                    stacklevel=4,
+                    stacklevel=2,
                 )
                 fn = self.graph
             else:

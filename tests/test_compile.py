@@ -1,4 +1,6 @@
-"""torch.compile of the full and the shallow graph (one test: a cold compile costs ~1 min here)."""
+"""torch.compile (inductor) of the full and the shallow graph (one test: a cold compile costs
+~1 min here). The other ways of writing the compile reuse the same compiled graphs through
+inductor's FX graph cache; test_compile_orders.py checks them with a cheap backend."""
 
 import pytest
 import torch
@@ -15,6 +17,8 @@ def test_compiled_graphs_equal_eager_and_never_recompile():
     unet = tiny_unet(seed=0)
     compiled = dcfx.optimize(unet, interval=3, branch=1, compile=True)
     eager = dcfx.optimize(unet, interval=3, branch=1)
+    # The order users write: same graphs, same inductor settings (an FX graph cache hit).
+    wrapped = torch.compile(dcfx.optimize(unet, interval=3, branch=1))
     scheduler = DDIMScheduler()
     scheduler.set_timesteps(50)
     latents = torch.randn(2, 4, 8, 8)
@@ -25,7 +29,8 @@ def test_compiled_graphs_equal_eager_and_never_recompile():
         for i, t in enumerate(scheduler.timesteps):
             a = compiled(latents, t, encoder_hidden_states=ehs).sample
             b = eager(latents, t, encoder_hidden_states=ehs).sample
-            worst = max(worst, ((a - b).norm() / b.norm()).item())
+            c = wrapped(latents, t, encoder_hidden_states=ehs).sample
+            worst = max(worst, ((a - b).norm() / b.norm()).item(), ((c - b).norm() / b.norm()).item())
             if i == 0:
                 # Lazy: nothing compiles before it is needed.
                 assert list(compiled.compile_seconds) == ["full[0]"]
@@ -34,6 +39,7 @@ def test_compiled_graphs_equal_eager_and_never_recompile():
     assert compiled.history == (("FSS" * 17)[:50],)
     assert eager.history == compiled.history
     assert set(compiled.compile_seconds) == {"full[0]", "shallow[0]"}
+    assert set(wrapped._orig_mod.compile_seconds) == {"full[0]", "shallow[0]"}
     # The fused op is in the graph that was compiled (fullgraph=True: dynamo took it whole).
     (entry,) = compiled._entries.values()
     assert any(n.target is FUSED_OP for n in entry.shallow.graph.graph.nodes)
