@@ -79,8 +79,11 @@ def enable(pipe: Any, config: DeepCacheConfig | None = None, **options: Any) -> 
     pickles as a plain scheduler. A diffusers pipeline's config keeps recording the plain
     U-Net, and `pipe.save_pretrained` saves the plain U-Net, so `from_pretrained` loads what
     was saved. `disable(pipe)` undoes it all.
+
+    `pipe.unet = torch.compile(pipe.unet, ...)` before or after `enable` compiles the full and
+    the shallow graph with those settings (see `optimize`).
     """
-    if isinstance(pipe.unet, DeepCacheUNet):
+    if _deepcache_unet(pipe.unet) is not None:
         disable(pipe)
     unet = optimize(pipe.unet, config, **options)
     _set_unet(pipe, unet)
@@ -103,12 +106,20 @@ def disable(pipe: Any) -> nn.Module:
     attributes = getattr(pipe, "__dict__", {})
     if getattr(attributes.get("save_pretrained"), "__func__", None) is _save_pretrained:
         del attributes["save_pretrained"]
-    if isinstance(pipe.unet, DeepCacheUNet):
+    fast = _deepcache_unet(pipe.unet)
+    if fast is not None:
         if _registered_class(pipe) == DeepCacheUNet.__name__:
-            pipe.unet = pipe.unet.given  # assigned by hand: diffusers records the plain one again
+            pipe.unet = fast.given  # assigned by hand: diffusers records the plain one again
         else:
-            _set_unet(pipe, pipe.unet.given)
+            _set_unet(pipe, fast.given)
     return pipe.unet
+
+
+def _deepcache_unet(module: Any) -> DeepCacheUNet | None:
+    """`module` if it is a DeepCacheUNet, or the one a torch.compile wrapper holds."""
+    if isinstance(module, _compile.OptimizedModule):
+        module = module._orig_mod
+    return module if isinstance(module, DeepCacheUNet) else None
 
 
 # -- the pipeline's config and save_pretrained while enabled ----------------------------------
@@ -141,14 +152,17 @@ def _set_unet(pipe: Any, unet: nn.Module) -> None:
 
 def _save_pretrained(self: Any, *args: Any, **kwargs: Any) -> Any:
     """The pipeline's own `save_pretrained`, with dcfx's U-Net replaced by the plain one."""
-    fast = self.__dict__.get("unet")
-    if not isinstance(fast, DeepCacheUNet):
+    current = self.__dict__.get("unet")
+    fast = _deepcache_unet(current)
+    if fast is None:
         return type(self).save_pretrained(self, *args, **kwargs)
-    object.__setattr__(self, "unet", fast.given)
+    # Assigned normally, so the config records the plain U-Net again even if a wrapper around
+    # dcfx's U-Net (`pipe.unet = torch.compile(pipe.unet)`) was recorded since `enable`.
+    setattr(self, "unet", fast.given)
     try:
         return type(self).save_pretrained(self, *args, **kwargs)
     finally:
-        object.__setattr__(self, "unet", fast)
+        object.__setattr__(self, "unet", current)
 
 
 _save_pretrained.__name__ = "save_pretrained"  # a copied or pickled pipeline finds its own
@@ -163,7 +177,7 @@ class _Listener:
 
     def valid(self) -> bool:
         pipe, unet = self.pipe(), self.unet()
-        if pipe is None or unet is None or pipe.unet is not unet:
+        if pipe is None or unet is None or _deepcache_unet(pipe.unet) is not unet:
             return False
         if self not in _LISTENERS.get(pipe.scheduler, ()):
             _listen(pipe.scheduler, self)  # a new scheduler: it plans the next generation

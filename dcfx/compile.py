@@ -33,7 +33,7 @@ from torch import fx, nn
 
 # torch's own classes for its compile wrappers (private; present in torch 2.11-2.13).
 from torch._dynamo.eval_frame import DisableContext as _DisableContext
-from torch._dynamo.eval_frame import OptimizedModule as _OptimizedModule
+from torch._dynamo.eval_frame import OptimizedModule
 from torch._dynamo.eval_frame import _TorchDynamoContext as _DynamoContext
 
 from .config import DeepCacheConfig
@@ -195,7 +195,7 @@ def of_dynamo_context(context: Any, source: str) -> Compiler | None:
 def of_module(module: nn.Module) -> tuple[nn.Module, Compiler | None, bool]:
     """(the plain module, its torch.compile setting, whether it was compiled at all) for a
     module given to `optimize`: `torch.compile(unet)` (an OptimizedModule) or `unet.compile()`."""
-    if isinstance(module, _OptimizedModule):
+    if isinstance(module, OptimizedModule):
         return module._orig_mod, of_dynamo_context(module.dynamo_ctx, "torch.compile(unet) before dcfx.optimize"), True
     compiled = getattr(module, "_compiled_call_impl", None)
     if compiled is None:
@@ -230,7 +230,7 @@ def outer(module: nn.Module, cache: Any) -> tuple[bool, Compiler | None]:
         if frame is None:
             break
         owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
-        if isinstance(owner, _OptimizedModule):
+        if isinstance(owner, OptimizedModule):
             hit = cache.get(owner)
             if hit is None:
                 hit = cache[owner] = (of_dynamo_context(owner.dynamo_ctx, "torch.compile(dcfx.optimize(unet))"),)

@@ -189,3 +189,37 @@ def test_disable_gives_back_the_compiled_unet(unet):
     assert dcfx.disable(pipe) is compiled and pipe.unet is compiled
     # Re-optimizing a DeepCacheUNet keeps what it was given.
     assert dcfx.optimize(fast, interval=3).given is compiled
+
+
+def test_compiling_an_enabled_pipeline_keeps_it_planned_and_saveable(tmp_path):
+    # diffusers' documented pattern, `pipe.unet = torch.compile(pipe.unet)`, after enable.
+    from _tiny_unet import tiny_vae
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(seed=1), text_encoder=None, tokenizer=None, unet=tiny_unet(seed=0),
+        scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    plain_unet = pipe.unet
+    g = torch.Generator().manual_seed(0)
+    prompt, negative = torch.randn(1, 7, 32, generator=g), torch.randn(1, 7, 32, generator=g)
+
+    def generate():
+        with torch.no_grad():
+            return pipe(
+                prompt_embeds=prompt, negative_prompt_embeds=negative, num_inference_steps=5,
+                height=8, width=8, output_type="latent", generator=torch.Generator().manual_seed(0),
+            ).images
+
+    fast = dcfx.enable(pipe, interval=2)
+    expected = generate()
+    backend = Recorder()
+    pipe.unet = torch.compile(pipe.unet, backend=backend)
+    reads = []
+    fast._host_timestep = lambda call: reads.append(call) or 0.0  # planned: never called
+    torch.testing.assert_close(generate(), expected, rtol=0, atol=0)
+    assert not reads and fast.history[-1] == "FSFSF" and len(backend.graphs) == 2
+    pipe.save_pretrained(tmp_path)  # the plain U-Net is what gets saved
+    assert StableDiffusionPipeline.load_config(tmp_path)["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert dcfx.disable(pipe) is plain_unet
