@@ -1,12 +1,28 @@
-"""Inspection: the two graphs dcfx runs for one call, as `DeepCacheUNet.graphs(...)` returns them."""
+"""Inspection: the two graphs dcfx runs for one call, as `DeepCacheUNet.graphs(...)` returns them.
+
+`DeepCacheGraphs.cut` describes the cut in the U-Net's own module names (what a shallow step
+runs, what it skips, what is cached and how big it is); `DeepCacheGraphs.write(directory)`
+writes both graphs' code and that description (`dcfx graphs --out DIR` does it from the
+command line).
+"""
 
 from __future__ import annotations
 
+import functools
+import re
+import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.utils._pytree as pytree
 from torch import fx
+
+from .capture import module_path
+from .passes.split import find_skips
+
+# First line of every file `write` makes (`dcfx graphs` overwrites only files that start so).
+WRITTEN_BY = "# Written by dcfx (DeepCacheGraphs.write)"
 
 
 @dataclass(frozen=True)
@@ -26,3 +42,268 @@ class DeepCacheGraphs:
     out_spec: pytree.TreeSpec
     key: tuple  # the input signature key (packages record it)
     signature: str  # the input signature in words
+
+    @functools.cached_property
+    def cut(self) -> Cut:
+        """Where the U-Net is cut, in its own module names (see `Cut`)."""
+        return _describe_cut(self)
+
+    def write(self, directory: str | Path) -> list[Path]:
+        """Write `full.py` and `shallow.py` (each graph's code, marked with the U-Net module
+        every stretch of it comes from) and `cut.txt` (`str(self.cut)`) into `directory`,
+        created if needed; existing files of those names are replaced. Returns the paths."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        cached = ", ".join(c.name for c in self.cut.cached)
+        texts = {
+            "full.py": readable_code(
+                self.full,
+                f"dcfx full graph, branch {self.branch}: the whole U-Net, run on full steps.",
+                f"Returns the U-Net's output leaves, then the {self.num_cached} cached tensor(s): {cached}.",
+                f"Input signature: {self.signature}",
+            ),
+            "shallow.py": readable_code(
+                self.shallow,
+                f"dcfx shallow graph, branch {self.branch}: run on the steps between full steps.",
+                f"Takes the call's tensors, then the cached tensor(s) ({cached}); returns the output leaves.",
+                f"Input signature: {self.signature}",
+            ),
+            "cut.txt": f"{self.cut}\n\ninput signature: {self.signature}\n",
+        }
+        paths = []
+        for name, text in texts.items():
+            path = out / name
+            path.write_text(text if name.endswith(".py") else f"{WRITTEN_BY}\n{text}")
+            paths.append(path)
+        return paths
+
+
+@dataclass(frozen=True)
+class CachedTensor:
+    """One tensor kept from a full step for the next shallow steps (per call slot)."""
+
+    name: str  # the shallow graph's input: deepcache_feature, deepcache_feature_stats, ...
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int  # numel * element size
+    producer: str  # the U-Net module computing it in the full graph ('' when a dcfx pass adds it)
+    op: str  # the operator computing it, e.g. 'aten.add.Tensor', 'dcfx.group_partial_stats.default'
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Where DeepCache cuts the U-Net for one call; `str(cut)` is a readable summary.
+
+    Module lists are in the U-Net's own names, in execution order, collapsed to the
+    outermost modules that run entirely on shallow steps (`shallow_modules`) or only on full
+    steps (`skipped_modules`): e.g. `mid_block`, or `up_blocks.3.resnets.0` when its block
+    is cut through.
+    """
+
+    branch: int
+    num_skips: int  # skip connections of the U-Net (valid branches: 0..num_skips - 1)
+    consumer: str  # the up-path module reading the cached feature (the resnet at the cut)
+    cached: tuple[CachedTensor, ...]  # the feature first, then what passes add (statistics)
+    shallow_modules: tuple[str, ...]  # modules a shallow step runs
+    skipped_modules: tuple[str, ...]  # modules only full steps run
+    full_nodes: int  # operator (call_function) nodes of the full graph, as dcfx.report counts
+    shallow_nodes: int  # the same for the shallow graph
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes kept per call slot between steps (all cached tensors)."""
+        return sum(c.nbytes for c in self.cached)
+
+    def __str__(self) -> str:
+        feature = self.cached[0]
+        rows = [
+            (c.name, f"{_dtype_name(c.dtype)}{list(c.shape)}", f"{c.nbytes:,} bytes", c.producer or c.op)
+            for c in self.cached
+        ]
+        rows.append(("total", "", f"{self.cached_bytes:,} bytes", f"({_human_bytes(self.cached_bytes)} per call slot)"))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        table = [
+            f"    {r[0].ljust(widths[0])}  {r[1].ljust(widths[1])}  {r[2].rjust(widths[2])}  {r[3]}".rstrip()
+            for r in rows
+        ]
+        share = self.shallow_nodes / self.full_nodes if self.full_nodes else float("nan")
+        return "\n".join([
+            f"dcfx cut at branch {self.branch} (skip connections 0..{self.num_skips - 1})",
+            f"  cached feature: output of {feature.producer or feature.op} on full steps; "
+            f"{self.consumer} takes it with skip connection s{self.branch}",
+            "  cached tensors (written on full steps, read on shallow steps):",
+            *table,
+            _module_list(f"shallow steps run ({len(self.shallow_modules)}): ", self.shallow_modules),
+            _module_list(f"only full steps run ({len(self.skipped_modules)}): ", self.skipped_modules),
+            f"  operators: full graph {self.full_nodes}, shallow graph {self.shallow_nodes} ({100 * share:.0f}%)",
+        ])
+
+
+def readable_code(gm: fx.GraphModule, *header: str) -> str:
+    """`gm`'s Python code (`print_readable`), headed by `header` lines and with a
+    `# -- module: <path>` comment wherever the U-Net module the code comes from changes."""
+    code = gm.print_readable(print_output=False)
+    paths = {n.name: _layer(module_path(n)) for n in gm.graph.nodes if n.op == "call_function"}
+    lines: list[str] = []
+    current = None
+    for line in code.splitlines():
+        match = _ASSIGNMENT.match(line)
+        path = paths.get(match.group(2)) if match else None
+        if path is not None and path != current:
+            current = path
+            # Above the node's own comment block (print_readable's source-line comments).
+            at = len(lines)
+            while at and (not lines[at - 1].strip() or lines[at - 1].lstrip().startswith("#")):
+                at -= 1
+            lines.insert(at, f"\n{match.group(1)}# -- module: {path or '(top level)'}")
+        lines.append(line)
+    head = [WRITTEN_BY, *(f"# {h}" for h in header)]
+    head.append("# Weights are the U-Net's own parameters (self.unet.<module path>), not copies.")
+    return "\n".join(head) + "\n" + "\n".join(lines).rstrip() + "\n"
+
+
+def _layer(path: str) -> str:
+    """`path` cut to layer level: `down_blocks.0.resnets.0.norm1` -> `down_blocks.0.resnets.0`,
+    `mid_block.attentions.0.proj_in` -> `mid_block.attentions.0`, `time_embedding.linear_1`
+    -> `time_embedding`."""
+    parts = path.split(".")
+    wanted = 2 if len(parts) > 1 and parts[1].isdigit() else 1
+    seen = 0
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            seen += 1
+            if seen == wanted:
+                return ".".join(parts[: i + 1])
+    return path if seen else parts[0]
+
+
+_ASSIGNMENT = re.compile(r'^(\s+)([A-Za-z_]\w*)(?:: "[^"]*")? = ')
+
+
+def _describe_cut(graphs: DeepCacheGraphs) -> Cut:
+    full, shallow, n = graphs.full, graphs.shallow, graphs.num_cached
+    (output,) = full.graph.find_nodes(op="output")
+    produced = list(output.args[0])[-n:]
+    inputs = [p for p in shallow.graph.nodes if p.op == "placeholder"][-n:]
+    cached = []
+    for node, placeholder in zip(produced, inputs):
+        val = placeholder.meta.get("val")
+        if val is None:
+            val = node.meta["val"]
+        cached.append(CachedTensor(
+            placeholder.name, tuple(val.shape), val.dtype, val.numel() * val.element_size(),
+            module_path(node), _op_name(node),
+        ))
+    shallow_modules, skipped_modules = _partition_modules(full.graph, shallow.graph)
+    return Cut(
+        branch=graphs.branch,
+        num_skips=len(find_skips(full.graph)),
+        consumer=_consumer(inputs[0]),
+        cached=tuple(cached),
+        shallow_modules=shallow_modules,
+        skipped_modules=skipped_modules,
+        full_nodes=_operators(full.graph),
+        shallow_nodes=_operators(shallow.graph),
+    )
+
+
+def _operators(graph: fx.Graph) -> int:
+    return sum(1 for n in graph.nodes if n.op == "call_function")
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    return str(target) if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
+
+
+def _consumer(feature: fx.Node) -> str:
+    """The innermost module holding every reader of the cached feature, looking through the
+    concatenation (the unfused cut concatenates in the up block, then its resnet reads it)."""
+    readers: list[fx.Node] = []
+    for user in feature.users:
+        if user.target is torch.ops.aten.cat.default:
+            readers.extend(user.users)
+        else:
+            readers.append(user)
+    paths = [module_path(r).split(".") for r in readers] or [[""]]
+    common = paths[0]
+    for p in paths[1:]:
+        i = 0
+        while i < min(len(common), len(p)) and common[i] == p[i]:
+            i += 1
+        common = common[:i]
+    return ".".join(common)
+
+
+def _partition_modules(full: fx.Graph, shallow: fx.Graph) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(run on shallow steps, full steps only), collapsed to uniform subtrees (see `Cut`)."""
+    # Module paths with operators or parameters of their own, in execution order; their
+    # prefixes form the tree. Parameters count because a fused operator is traced in one
+    # module but does the work of another (the cut's norm1 inside the SiLU's op).
+    own_full = dict.fromkeys(_own_modules(full))
+    own_shallow = set(_own_modules(shallow))
+    children: dict[str, list[str]] = {}
+    has_own = set()
+    for path in own_full:
+        has_own.add(path)
+        parts = path.split(".") if path else []
+        for i in range(len(parts)):
+            parent, child = ".".join(parts[:i]), ".".join(parts[: i + 1])
+            siblings = children.setdefault(parent, [])
+            if child not in siblings:
+                siblings.append(child)
+
+    status: dict[str, str] = {}
+
+    def state(path: str) -> str:
+        if path not in status:
+            states = {state(c) for c in children.get(path, ())}
+            if path in has_own:
+                # Operators traced directly in this module (e.g. an up block's concatenations):
+                # present in the shallow graph if any of them is.
+                states.add("run" if path in own_shallow else "skip")
+            status[path] = states.pop() if len(states) == 1 else "mixed"
+        return status[path]
+
+    run, skip = [], []
+
+    def walk(path: str) -> None:
+        s = state(path)
+        if s == "mixed":
+            for child in children.get(path, ()):
+                walk(child)
+        else:
+            (run if s == "run" else skip).append(path or "(whole U-Net)")
+
+    walk("")
+    return tuple(run), tuple(skip)
+
+
+def _own_modules(graph: fx.Graph) -> list[str]:
+    """The module of each operator in execution order, then of each parameter read."""
+    ops = [module_path(n) for n in graph.nodes if n.op == "call_function"]
+    params = [
+        n.target.removeprefix(_UNET).rpartition(".")[0]
+        for n in graph.nodes if n.op == "get_attr" and isinstance(n.target, str)
+    ]
+    return ops + params
+
+
+_UNET = "unet."  # capture's adapter holds the U-Net as `unet`
+
+
+def _module_list(head: str, modules: tuple[str, ...]) -> str:
+    return textwrap.fill(", ".join(modules) or "(none)", width=100, initial_indent="  " + head,
+                         subsequent_indent=" " * 6, break_on_hyphens=False)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}" if unit != "bytes" else f"{n} bytes"
+        n /= 1024
+    return f"{n:.2f} GiB"
