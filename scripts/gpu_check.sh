@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, in one run of under 10 minutes on the lent machine (Python
 # 3.12, torch 2.11, triton 3.6, no diffusers, no network): install the carried wheels and dcfx,
-# run the CUDA tests, bench_kernels.py and the end-to-end benchmarks, write every table to
+# run the CUDA tests, bench_kernels.py and the U-Net benchmarks (bench_unet.py), write every table to
 # $OUT (default ./gpu_results), print a summary table last.
 #
 # Prepare here, once (the wheels are not in git; .whl/ is ignored locally):
@@ -72,39 +72,44 @@ export PY DRY_RUN
 # Inductor's on-disk cache inside $OUT would not come back (too many files); keep it local.
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/dcfx_inductor}
 
+# bench_unet.py settings: SD1.5 at 512px and SDXL at 1024px, fp16, DeepCache N=3, b=0 (the
+# dry run: tiny architectures, 4 steps, one repeat, CPU variants only).
 if (( DRY_RUN )); then
-    SD=(--size tiny --resolution 8 --steps 4 --device cpu --dtype fp32 --repeats 1)
-    XL=(--size sdxl-tiny --resolution 8 --steps 4 --device cpu --dtype fp32 --repeats 1)
+    SD=(--arch tiny --resolution 8 --steps 4 --device cpu --dtype fp32 --repeats 1)
+    XL=(--arch sdxl-tiny --resolution 8 --steps 4 --device cpu --dtype fp32 --repeats 1)
     EAGER=(eager reference dcfx)
-    COMPILED=(compile dcfx-compile)
+    COMPILED=(eager compile dcfx-compile)
     XL_VARIANTS=(eager reference dcfx)
     KERNEL_BENCH=(--estimate-only)
 else
-    SD=(--size sd15 --resolution 64 --steps 50 --device cuda --dtype fp16 --repeats 3)
-    XL=(--size sdxl --resolution 128 --steps 30 --device cuda --dtype fp16 --repeats 2)
+    SD=(--arch sd15 --resolution 64 --steps 50 --device cuda --dtype fp16 --repeats 3)
+    XL=(--arch sdxl --resolution 128 --steps 30 --device cuda --dtype fp16 --repeats 2)
     EAGER=(eager reference cudagraph dcfx dcfx-cudagraph)
-    COMPILED=(compile dcfx-compile)
+    COMPILED=(eager compile dcfx-compile)
     XL_VARIANTS=(eager reference dcfx dcfx-cudagraph)
     KERNEL_BENCH=(--rep 50)
 fi
+UNET=(--interval 3 --branch 0 --no-progress)
 
 # Most valuable first: a stage cut by the budget loses only what comes after it.
 stage install 60 bash -c install_deps
 stage tests_cuda 120 "$PY" -m pytest -q -m "cuda and not compile" tests/test_kernel_cut_norm.py tests/test_cuda_reference.py tests/test_cuda_graphs.py
 stage bench_kernels 60 "$PY" benchmarks/bench_kernels.py --dtype fp16 "${KERNEL_BENCH[@]}"
-stage e2e_sd15 80 "$PY" benchmarks/bench_e2e.py "${SD[@]}" --interval 3 --branches 0 --variants "${EAGER[@]}" --out "$OUT/e2e_sd15.table"
+stage unet_sd15 80 "$PY" benchmarks/bench_unet.py "${SD[@]}" "${UNET[@]}" --variants "${EAGER[@]}" --csv "$OUT/unet_sd15.csv" --md "$OUT/unet_sd15.md"
 # Cold compiles of the SD1.5 U-Net (plain, and dcfx's full + shallow graphs) dominate here.
-stage e2e_sd15_compiled 220 "$PY" benchmarks/bench_e2e.py "${SD[@]}" --repeats 2 --interval 3 --branches 0 --variants "${COMPILED[@]}" --out "$OUT/e2e_sd15_compiled.table"
-stage e2e_sdxl 100 "$PY" benchmarks/bench_e2e.py "${XL[@]}" --interval 3 --branches 0 --variants "${XL_VARIANTS[@]}" --out "$OUT/e2e_sdxl.table"
+stage unet_sd15_compiled 220 "$PY" benchmarks/bench_unet.py "${SD[@]}" --repeats 2 "${UNET[@]}" --variants "${COMPILED[@]}" --csv "$OUT/unet_sd15_compiled.csv" --md "$OUT/unet_sd15_compiled.md"
+stage unet_sdxl 100 "$PY" benchmarks/bench_unet.py "${XL[@]}" "${UNET[@]}" --variants "${XL_VARIANTS[@]}" --csv "$OUT/unet_sdxl.csv" --md "$OUT/unet_sdxl.md"
 stage bench_kernels_channels_last 40 "$PY" benchmarks/bench_kernels.py --dtype fp16 --channels-last --cuts-only "${KERNEL_BENCH[@]}"
 stage tests_cuda_compile 120 "$PY" -m pytest -q -m "cuda and compile" tests/test_cuda_reference.py tests/test_cuda_graphs.py
 
 echo
 echo "=== summary ($(( SECONDS ))s; results in $OUT) ==="
 column -t -s $'\t' "$STATUS" 2>/dev/null || cat "$STATUS"
-for name in e2e_sd15 e2e_sdxl e2e_sd15_compiled; do
-    [[ -f "$OUT/$name.table" ]] && { echo; echo "[$name]"; cat "$OUT/$name.table"; }
+# The U-Net tables without their notes paragraph, which is printed once (output stays short).
+for name in unet_sd15 unet_sdxl unet_sd15_compiled; do
+    [[ -f "$OUT/$name.md" ]] && { echo; echo "[$name]"; grep -v "^s/gen:" "$OUT/$name.md"; }
 done
+grep -h -m1 "^s/gen:" "$OUT"/unet_*.md 2>/dev/null | head -1
 for name in bench_kernels bench_kernels_channels_last; do
     [[ -f "$OUT/$name.txt" ]] && { echo; echo "[$name]"; grep -E '^(SD|SDXL|shape|NVIDIA|H1|[A-Z].*copy bandwidth)' "$OUT/$name.txt"; }
 done

@@ -1,0 +1,65 @@
+"""benchmarks/bench_unet.py end to end on a tiny saved U-Net: one CSV and markdown row per variant."""
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+from _tiny_unet import tiny_unet
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_unet.py"
+
+
+def _bench_module():
+    # benchmarks/ is not a package: load the script as a module (registered, as dataclasses
+    # look their module up in sys.modules).
+    if "bench_unet" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_unet", BENCH)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_unet"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["bench_unet"]
+
+
+def test_bench_unet_writes_one_row_per_variant(tmp_path, capsys):
+    bench = _bench_module()
+    model = tmp_path / "unet"
+    tiny_unet().save_pretrained(model)  # also covers --model with a U-Net folder
+    csv_path, md_path = tmp_path / "out" / "r.csv", tmp_path / "out" / "r.md"
+    code = bench.main([
+        "--model", str(model), "--steps", "2", "--repeats", "1", "--device", "cpu",
+        "--variants", "dcfx", "eager", "reference", "--no-progress",
+        "--csv", str(csv_path), "--md", str(md_path),
+    ])
+    assert code == 0
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["variant"] for r in rows] == ["eager", "reference", "dcfx"]  # progressive order
+    assert all(float(r["median_s"]) > 0 and float(r["first_gen_s"]) > 0 for r in rows)
+    assert rows[0]["resolution"] == "8" and rows[0]["unet_batch"] == "2"  # native size, CFG batch
+    dcfx_row = rows[2]
+    assert dcfx_row["branch"] == "0" and dcfx_row["baseline"] == "eager"
+    assert float(dcfx_row["flop_bound"]) > 1 and float(dcfx_row["vs_eager"]) > 0
+    # dcfx runs the reference helper's computation: same final latents up to float rounding.
+    assert dcfx_row["rel_err_vs"] == "reference" and float(dcfx_row["rel_err"]) < 1e-4
+
+    table = [line for line in md_path.read_text().splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0].strip("| ") for line in table[1:]] == ["eager", "reference", "dcfx"]
+    assert "RSS-based" in md_path.read_text()
+    assert table[0] in capsys.readouterr().out  # the table is printed too
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--variants", "eager", "dcfx-cudagraph", "--device", "cpu"], "CUDA-only variant(s) dcfx-cudagraph need --device cuda"),
+        (["--variants", "reference", "--schedule", "nonuniform", "--device", "cpu"], "schedules only uniformly"),
+        (["--compile-options", "freezing"], "expected KEY=VALUE"),
+    ],
+)
+def test_bench_unet_refuses_bad_settings(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        _bench_module().parse_args(argv)
+    assert message in capsys.readouterr().err
