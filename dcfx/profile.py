@@ -89,7 +89,7 @@ def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         torch.manual_seed(0)
         with torch.device(device):  # random init where the weights will live (fast on CUDA)
             unet = build_unet(args.size)
-        name = f"{args.size} U-Net (random weights)"
+        name = f"{args.size} U-Net ({'meta device, no weights' if device.type == 'meta' else 'random weights'})"
     else:
         folder, cls = unet_folder(args.model)
         if device.type == "meta":
@@ -97,7 +97,7 @@ def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
                 unet = cls.from_config(cls.load_config(folder))
         else:
             unet = cls.from_pretrained(folder, low_cpu_mem_usage=False, torch_dtype=dtype).to(device)
-        name = f"{cls.__name__} from {args.model}"
+        name = f"{cls.__name__} from {args.model}{' (config only, meta device)' if device.type == 'meta' else ''}"
     if unet.dtype != dtype:
         unet = unet.to(dtype=dtype)
     return unet.eval(), name
@@ -482,7 +482,7 @@ def _run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, not
     if note:
         lines.append(note)
     lines.append(
-        f"trace: {args.trace.resolve()} ({size_mb:.1f} MiB); open it in https://ui.perfetto.dev or "
+        f"trace: {args.trace} ({size_mb:.1f} MiB); open it in https://ui.perfetto.dev or "
         f"chrome://tracing (steps are 'step N' ranges, graphs dcfx.full[b{args.branch}] / dcfx.shallow[b{args.branch}])"
     )
     text = "\n".join(lines)
