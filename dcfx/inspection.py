@@ -56,13 +56,13 @@ class DeepCacheGraphs:
         out.mkdir(parents=True, exist_ok=True)
         cached = ", ".join(c.name for c in self.cut.cached)
         texts = {
-            "full.py": readable_code(
+            "full.py": _readable_code(
                 self.full,
                 f"dcfx full graph, branch {self.branch}: the whole U-Net, run on full steps.",
                 f"Returns the U-Net's output leaves, then the {self.num_cached} cached tensor(s): {cached}.",
                 f"Input signature: {self.signature}",
             ),
-            "shallow.py": readable_code(
+            "shallow.py": _readable_code(
                 self.shallow,
                 f"dcfx shallow graph, branch {self.branch}: run on the steps between full steps.",
                 f"Takes the call's tensors, then the cached tensor(s) ({cached}); returns the output leaves.",
@@ -139,7 +139,7 @@ class Cut:
         ])
 
 
-def readable_code(gm: fx.GraphModule, *header: str) -> str:
+def _readable_code(gm: fx.GraphModule, *header: str) -> str:
     """`gm`'s Python code (`print_readable`), headed by `header` lines and with a
     `# -- module: <path>` comment wherever the U-Net module the code comes from changes."""
     code = gm.print_readable(print_output=False)
