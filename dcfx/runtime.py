@@ -577,10 +577,19 @@ class DeepCacheUNet(nn.Module):
             return getattr(modules["unet"], name)
 
 
+def _range(name: str, cuda: bool) -> contextlib.AbstractContextManager:
+    """A profiler range (only while a profiler runs) and, on CUDA, an NVTX range, so traces and
+    Nsight timelines say which graph each step ran. Otherwise nothing (a shared no-op)."""
+    if not cuda and not torch.autograd._profiler_enabled():
+        return _NO_RANGE
+    return _ranges(name, cuda)
+
+
+_NO_RANGE = contextlib.nullcontext()
+
+
 @contextlib.contextmanager
-def _range(name: str, cuda: bool) -> Iterator[None]:
-    """A profiler range (entered only while a profiler runs) and, on CUDA, an NVTX range, so
-    traces and Nsight timelines say which graph each step ran."""
+def _ranges(name: str, cuda: bool) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         if torch.autograd._profiler_enabled():
             stack.enter_context(torch.profiler.record_function(name))
