@@ -190,6 +190,11 @@ class DeepCacheUNet(nn.Module):
         self._compiler = compiler if compiler is not None else _compile.from_config(config)
         self._outer: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
         self._preloaded: tuple[tuple, str, _Entry] | None = None
+        # A loaded AOT package's stand-in U-Net (dcfx.package) brings its compiled graphs, also
+        # when re-wrapped (`dcfx.enable(pipe)`, `dcfx.optimize(loaded, ...)`).
+        preload = getattr(unet, "_dcfx_preload", None)
+        if preload is not None:
+            preload(self)
         self._schedule = StepSchedule(config)
         self._binder = CallBinder(unet)
         self._sample_name = next(iter(inspect.signature(unet.forward).parameters), None)

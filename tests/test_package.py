@@ -232,7 +232,6 @@ def test_package_checks_its_arguments(unet, pipeline_call, tmp_path):
         package(dcfx.optimize(unet), tmp_path / "x.zip", *args, **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="needs DeepCacheUNet.__init__ to call the stand-in U-Net's _dcfx_preload")
 def test_enable_and_optimize_keep_the_packaged_graphs(packaged, unet):
     fast = load_package(packaged)
     pipe = make_pipe(fast)
