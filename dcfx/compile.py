@@ -216,12 +216,13 @@ def of_module(module: nn.Module) -> tuple[nn.Module, Compiler | None, bool]:
     return module, Compiler(source=source), True
 
 
-def outer(module: nn.Module, cache: Any) -> tuple[bool, Compiler | None]:
-    """Whether this call came through a torch.compile'd module (an OptimizedModule wrapping
-    `module` or one of its parents), and that module's compiler.
+def outer(cache: Any) -> tuple[bool, Compiler | None]:
+    """Whether the calling module runs inside a torch.compile'd module (an OptimizedModule
+    around it, or around a model that calls it), and the nearest such module's compiler.
 
-    torch.compile's module wrapper calls the module as its own frame chain: the wrapper is
-    found by walking up the Python frames, only while torch says one is running.
+    The wrapper is the `self` of one of the calling frames: found by walking up the Python
+    frames, only while torch says an OptimizedModule call is running. `cache` (weak keys)
+    keeps each wrapper's compiler.
     """
     if not _in_optimized_module():
         return False, None

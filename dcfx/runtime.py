@@ -313,7 +313,7 @@ class DeepCacheUNet(nn.Module):
             self._check_fingerprint()
             gen.checked = True
         entry = self._entry(call)
-        found, compiler = _compile.outer(self, self._outer)
+        found, compiler = _compile.outer(self._outer)
         if not found:
             compiler = self._compiler
         slots = entry.caches.get(thread)
