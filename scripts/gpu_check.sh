@@ -81,6 +81,7 @@ if (( DRY_RUN )); then
     COMPILED=(eager compile dcfx-compile)
     XL_VARIANTS=(eager reference dcfx)
     KERNEL_BENCH=(--estimate-only)
+    PROFILE=(--size tiny --device cpu --steps 4)
 else
     SD=(--arch sd15 --resolution 64 --steps 50 --device cuda --dtype fp16 --repeats 3)
     XL=(--arch sdxl --resolution 128 --steps 30 --device cuda --dtype fp16 --repeats 2)
@@ -88,6 +89,7 @@ else
     COMPILED=(eager compile dcfx-compile)
     XL_VARIANTS=(eager reference dcfx dcfx-cudagraph)
     KERNEL_BENCH=(--rep 50)
+    PROFILE=(--size small --device cuda --dtype float16 --steps 10)
 fi
 UNET=(--interval 3 --branch 0 --no-progress)
 
@@ -100,6 +102,8 @@ stage unet_sd15 80 "$PY" benchmarks/bench_unet.py "${SD[@]}" "${UNET[@]}" --vari
 stage unet_sd15_compiled 220 "$PY" benchmarks/bench_unet.py "${SD[@]}" --repeats 2 "${UNET[@]}" --variants "${COMPILED[@]}" --csv "$OUT/unet_sd15_compiled.csv" --md "$OUT/unet_sd15_compiled.md"
 stage unet_sdxl 100 "$PY" benchmarks/bench_unet.py "${XL[@]}" "${UNET[@]}" --variants "${XL_VARIANTS[@]}" --csv "$OUT/unet_sdxl.csv" --md "$OUT/unet_sdxl.md"
 stage bench_kernels_channels_last 40 "$PY" benchmarks/bench_kernels.py --dtype fp16 --channels-last --cuts-only "${KERNEL_BENCH[@]}"
+# dcfx profile's CUDA path (kernels attributed to the dcfx.full/shallow ranges); the trace stays local.
+stage profile 40 "$PY" -m dcfx profile "${PROFILE[@]}" --top 8 --trace /tmp/dcfx_profile_trace.json --force
 stage tests_cuda_compile 120 "$PY" -m pytest -q -m "cuda and compile" tests/test_cuda_reference.py tests/test_cuda_graphs.py
 
 echo
