@@ -5,6 +5,8 @@
 captures the U-Net as an FX graph (capture), splits it into a full and a shallow graph at a
 skip connection (passes.split), fuses the cut point into a Triton op (passes.fuse, kernels),
 optionally compiles both graphs (compile) and runs one of them per step (runtime).
+`torch.compile(dcfx.optimize(unet), ...)` compiles both graphs with those settings;
+`fast.graphs(...)` shows them; `dcfx.package`/`dcfx.load_package` ship them AOT-compiled.
 """
 
 from .api import disable, enable, optimize
