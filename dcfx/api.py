@@ -57,11 +57,11 @@ def optimize(unet: nn.Module, config: DeepCacheConfig | None = None, **options: 
     if not isinstance(unet, nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module U-Net, got {type(unet).__name__}")
     given = unet
-    unet, compiler, compiled = _compile.of_module(unet)
+    unet, compiler = _compile.of_module(unet)
     not_a_unet = CallBinder(unet).not_a_unet
     if not_a_unet:
         raise TypeError(not_a_unet)
-    fast = DeepCacheUNet(unet, config, compiler) if compiled else DeepCacheUNet(unet, config)
+    fast = DeepCacheUNet(unet, config, compiler)  # compiler None: the config's settings
     fast.__dict__["_dc_given"] = given  # not a submodule: `unet` already registers its weights
     return fast
 

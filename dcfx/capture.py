@@ -24,7 +24,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-_UNET_PREFIX = "unet."
+UNET_PREFIX = "unet."  # the adapter holds the U-Net as `unet`: module paths start so
 # Marks where a tensor leaf goes among a call's constants (None is a real argument value).
 TENSOR_SLOT = object()
 
@@ -246,7 +246,7 @@ def module_path(node: torch.fx.Node) -> str:
         return ""
     path = list(stack.values())[-1][0]
     path = path.removeprefix("L['self'].").removeprefix("self.")
-    return path[len(_UNET_PREFIX):] if path.startswith(_UNET_PREFIX) else ("" if path == "unet" else path)
+    return path[len(UNET_PREFIX):] if path.startswith(UNET_PREFIX) else ("" if path == "unet" else path)
 
 
 def unflatten_output(out: tuple, out_spec: pytree.TreeSpec) -> Any:

@@ -192,14 +192,14 @@ def of_dynamo_context(context: Any, source: str) -> Compiler | None:
     return Compiler(backend, None, None, source)
 
 
-def of_module(module: nn.Module) -> tuple[nn.Module, Compiler | None, bool]:
-    """(the plain module, its torch.compile setting, whether it was compiled at all) for a
-    module given to `optimize`: `torch.compile(unet)` (an OptimizedModule) or `unet.compile()`."""
+def of_module(module: nn.Module) -> tuple[nn.Module, Compiler | None]:
+    """(the plain module, its torch.compile setting or None) for a module given to
+    `optimize`: `torch.compile(unet)` (an OptimizedModule) or `unet.compile()`."""
     if isinstance(module, OptimizedModule):
-        return module._orig_mod, of_dynamo_context(module.dynamo_ctx, "torch.compile(unet) before dcfx.optimize"), True
+        return module._orig_mod, of_dynamo_context(module.dynamo_ctx, "torch.compile(unet) before dcfx.optimize")
     compiled = getattr(module, "_compiled_call_impl", None)
     if compiled is None:
-        return module, None, False
+        return module, None
     source = "unet.compile() before dcfx.optimize"
     for cell in getattr(compiled, "__closure__", None) or ():
         try:
@@ -207,13 +207,13 @@ def of_module(module: nn.Module) -> tuple[nn.Module, Compiler | None, bool]:
         except ValueError:  # an empty cell
             continue
         if isinstance(value, _DynamoContext):
-            return module, of_dynamo_context(value, source), True
+            return module, of_dynamo_context(value, source)
     warnings.warn(
         f"dcfx could not read the torch.compile settings of {type(module).__name__}.compile(); "
         "the full and the shallow graph are compiled with torch.compile's defaults",
         stacklevel=3,
     )
-    return module, Compiler(source=source), True
+    return module, Compiler(source=source)
 
 
 def outer(cache: Any) -> tuple[bool, Compiler | None]:

@@ -18,7 +18,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx
 
-from .capture import module_path
+from .capture import UNET_PREFIX, module_path
 from .passes.split import find_skips
 
 # First line of every file `write` makes (`dcfx graphs` overwrites only files that start so).
@@ -202,12 +202,13 @@ def _describe_cut(graphs: DeepCacheGraphs) -> Cut:
         cached=tuple(cached),
         shallow_modules=shallow_modules,
         skipped_modules=skipped_modules,
-        full_nodes=_operators(full.graph),
-        shallow_nodes=_operators(shallow.graph),
+        full_nodes=operator_count(full.graph),
+        shallow_nodes=operator_count(shallow.graph),
     )
 
 
-def _operators(graph: fx.Graph) -> int:
+def operator_count(graph: fx.Graph) -> int:
+    """Operator (call_function) nodes of a graph: the node counts `Cut` and `dcfx.report` give."""
     return sum(1 for n in graph.nodes if n.op == "call_function")
 
 
@@ -283,13 +284,10 @@ def _own_modules(graph: fx.Graph) -> list[str]:
     """The module of each operator in execution order, then of each parameter read."""
     ops = [module_path(n) for n in graph.nodes if n.op == "call_function"]
     params = [
-        n.target.removeprefix(_UNET).rpartition(".")[0]
+        n.target.removeprefix(UNET_PREFIX).rpartition(".")[0]
         for n in graph.nodes if n.op == "get_attr" and isinstance(n.target, str)
     ]
     return ops + params
-
-
-_UNET = "unet."  # capture's adapter holds the U-Net as `unet`
 
 
 def _module_list(head: str, modules: tuple[str, ...]) -> str:

@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .capture import CallBinder, capture
 from .config import DeepCacheConfig
+from .inspection import operator_count
 from .passes import deepcache_graphs, pass_options
 from .passes.split import CACHED_OUTPUTS, find_skips, split
 from .runtime import DeepCacheUNet
@@ -119,7 +120,7 @@ def report(
             full_flops, outputs = _count(full, call.tensors)
             cached = full.meta.get(CACHED_OUTPUTS, 1)
             shallow_flops, _ = _count(shallow, (*call.tensors, *outputs[-cached:]))
-            rows.append(BranchReport(b, full_flops, shallow_flops, _ops(full), _ops(shallow), num_steps, num_full))
+            rows.append(BranchReport(b, full_flops, shallow_flops, operator_count(full.graph), operator_count(shallow.graph), num_steps, num_full))
     return Report(type(unet).__name__, num_skips, config, num_steps, tuple(rows))
 
 
@@ -128,6 +129,3 @@ def _count(gm: fx.GraphModule, inputs: tuple) -> tuple[int, tuple]:
         outputs = gm(*inputs)
     return counter.get_total_flops(), outputs
 
-
-def _ops(gm: fx.GraphModule) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function")

@@ -107,6 +107,7 @@ class _Entry:
     # copied into a slot's buffers on full steps and passed in order to the shallow graph.
     num_cached: int = 1
     branch: int = 0
+    cuda: bool = False  # the signature pins the device: NVTX ranges or not, decided once
     caches: weakref.WeakKeyDictionary[threading.Thread, list[_Cache | None]] = field(
         default_factory=weakref.WeakKeyDictionary
     )
@@ -190,11 +191,6 @@ class DeepCacheUNet(nn.Module):
         self._compiler = compiler if compiler is not None else _compile.from_config(config)
         self._outer: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
         self._preloaded: tuple[tuple, str, _Entry] | None = None
-        # A loaded AOT package's stand-in U-Net (dcfx.package) brings its compiled graphs, also
-        # when re-wrapped (`dcfx.enable(pipe)`, `dcfx.optimize(loaded, ...)`).
-        preload = getattr(unet, "_dcfx_preload", None)
-        if preload is not None:
-            preload(self)
         self._schedule = StepSchedule(config)
         self._binder = CallBinder(unet)
         self._sample_name = next(iter(inspect.signature(unet.forward).parameters), None)
@@ -202,6 +198,11 @@ class DeepCacheUNet(nn.Module):
         self._states: collections.OrderedDict[tuple, dict[tuple, _Entry]] = collections.OrderedDict()
         self._fingerprint: tuple | None = None
         self._threads: weakref.WeakKeyDictionary[threading.Thread, _ThreadState] = weakref.WeakKeyDictionary()
+        # A loaded AOT package's stand-in U-Net (dcfx.package) brings its compiled graphs, also
+        # when re-wrapped (`dcfx.enable(pipe)`, `dcfx.optimize(loaded, ...)`).
+        preload = getattr(unet, "_dcfx_preload", None)
+        if preload is not None:
+            preload(self)
 
     def __reduce_ex__(self, protocol: int) -> tuple:
         # Graphs, caches and generations are derived state, rebuilt lazily after loading.
@@ -286,7 +287,7 @@ class DeepCacheUNet(nn.Module):
             shallow=entry.shallow.graph,
             inputs=call.tensors,
             num_cached=entry.num_cached,
-            branch=self._dc_config.branch,
+            branch=entry.branch,
             out_spec=entry.out_spec,
             key=call.key,
             signature=describe_signature(call.key),
@@ -321,16 +322,15 @@ class DeepCacheUNet(nn.Module):
             slots = entry.caches[thread] = []
         cache = slots[slot] if slot < len(slots) else None
         full = step.full or cache is None or cache.generation != gen.index
-        cuda = call.tensors[0].is_cuda if call.tensors else False
         if full:
-            with _range(entry.full_range, cuda):
+            with _range(entry.full_range, entry.cuda):
                 outputs = entry.full(compiler, *call.tensors)
                 outputs, cached = outputs[: -entry.num_cached], outputs[-entry.num_cached :]
                 if slot < _MAX_SLOTS:
-                    with _range("dcfx.cache_copy", cuda):
+                    with _range("dcfx.cache_copy", entry.cuda):
                         cache = self._store(slots, slot, cache, cached, gen.index)
         else:
-            with _range(entry.shallow_range, cuda):
+            with _range(entry.shallow_range, entry.cuda):
                 outputs = entry.shallow(compiler, *call.tensors, *cache.buffers)
         if slot == 0 or not gen.log:
             # (The step's first call may have failed before logging: capture of a bad call.)
@@ -518,7 +518,7 @@ class DeepCacheUNet(nn.Module):
         full, shallow = graphs
         return _Entry(
             cap.out_spec, LazyGraph(full, "full"), LazyGraph(shallow, "shallow"),
-            num_cached=full.meta.get(CACHED_OUTPUTS, 1), branch=self._dc_config.branch,
+            num_cached=full.meta.get(CACHED_OUTPUTS, 1), branch=self._dc_config.branch, cuda=_on_cuda(call),
         )
 
     def _preload(self, graphs: Any, full: Callable, shallow: Callable) -> None:
@@ -528,6 +528,7 @@ class DeepCacheUNet(nn.Module):
         entry = _Entry(
             graphs.out_spec, _Fixed(full, "full"), _Fixed(shallow, "shallow"),
             num_cached=graphs.num_cached, branch=self._dc_config.branch,
+            cuda=any(leaf[0] == "T" and torch.device(leaf[3]).type == "cuda" for leaf in graphs.key[1]),
         )
         self._preloaded = (graphs.key, graphs.signature, entry)
 
@@ -580,6 +581,10 @@ class DeepCacheUNet(nn.Module):
             if "unet" not in modules or name.startswith("_dc"):
                 raise
             return getattr(modules["unet"], name)
+
+
+def _on_cuda(call: Call) -> bool:
+    return any(t.is_cuda for t in call.tensors)
 
 
 def _range(name: str, cuda: bool) -> contextlib.AbstractContextManager:
