@@ -27,7 +27,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from dcfx.kernels import cat_group_norm_silu, cat_group_norm_silu_reference, group_partial_stats
+from dcfx.kernels.cut_norm import cat_group_norm_silu, cat_group_norm_silu_reference, group_partial_stats
 from dcfx.kernels.cut_norm import cut_traffic
 
 NUM_GROUPS = 32  # every GroupNorm in the SD1.5 / SDXL U-Nets

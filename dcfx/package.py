@@ -54,7 +54,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from . import kernels  # noqa: F401  (registers the dcfx ops that packaged graphs call)
+from .kernels import cut_norm  # noqa: F401  (registers the dcfx ops that packaged graphs call)
 from .capture import describe_signature
 from .compile import TRACING
 from .config import DeepCacheConfig

@@ -38,7 +38,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
 from test_reference import _SD_BETAS, models, reference_helper  # noqa: F401  (models: a fixture)
 
 import dcfx
-from dcfx.kernels import cut_norm
+import dcfx.kernels.cut_norm as cut_norm
 
 T = 8
 RTOL_FP32 = 1e-5

@@ -24,7 +24,7 @@ from dcfx.kernels.cut_norm import (
     group_partial_stats_triton,
 )
 
-from dcfx.kernels import cut_norm as kernel_module
+import dcfx.kernels.cut_norm as kernel_module
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="CPU kernel tests need TRITON_INTERPRET=1")
@@ -340,7 +340,7 @@ def test_import_and_op_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
-        "from dcfx.kernels import cat_group_norm_silu, cat_group_norm_silu_reference\n"
+        "from dcfx.kernels.cut_norm import cat_group_norm_silu, cat_group_norm_silu_reference\n"
         "x, w = torch.randn(1, 2, 3, 3), torch.randn(4)\n"
         "assert torch.equal(cat_group_norm_silu(x, x, w, w, 2), cat_group_norm_silu_reference(x, x, w, w, 2))\n"
     )

@@ -38,7 +38,7 @@ import os
 import torch
 from torch import fx
 
-from .. import kernels  # noqa: F401  (registers torch.ops.dcfx.cat_group_norm_silu)
+from ..kernels import cut_norm  # noqa: F401  (registers torch.ops.dcfx.cat_group_norm_silu)
 from .split import CACHE_INPUT, CACHED_OUTPUTS, finish_graph
 
 aten = torch.ops.aten
