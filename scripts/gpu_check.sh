@@ -13,6 +13,9 @@
 #   bash scripts/gpu_check.sh --dry-run
 # rehearses every stage on the CPU with tiny sizes (CUDA tests skip, CUDA-only variants are
 # left out), so that only the GPU itself can fail on the lent machine.
+#
+# GPU_CHECK_STAGES="install tests_cuda ..." runs only the stages named (install is needed
+# on a fresh machine), e.g. to spread the check over two short device calls.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,6 +41,10 @@ fi
 stage() {
     local name=$1 limit=$(( $2 * STRETCH ))
     shift 2
+    if [[ -n "${GPU_CHECK_STAGES:-}" && " $GPU_CHECK_STAGES " != *" $name "* ]]; then
+        printf '%s\tnot selected\t0\t-\n' "$name" >> "$STATUS"
+        return
+    fi
     local left=$(( BUDGET - SECONDS ))
     (( limit > left )) && limit=$left
     if (( limit < 10 )); then
@@ -97,10 +104,10 @@ UNET=(--interval 3 --branch 0 --no-progress)
 stage install 60 bash -c install_deps
 stage tests_cuda 120 "$PY" -m pytest -q -m "cuda and not compile" tests/test_kernel_cut_norm.py tests/test_cuda_reference.py tests/test_cuda_graphs.py
 stage bench_kernels 60 "$PY" benchmarks/bench_kernels.py --dtype fp16 "${KERNEL_BENCH[@]}"
-stage unet_sd15 80 "$PY" benchmarks/bench_unet.py "${SD[@]}" "${UNET[@]}" --variants "${EAGER[@]}" --csv "$OUT/unet_sd15.csv" --md "$OUT/unet_sd15.md"
+stage unet_sd15 110 "$PY" benchmarks/bench_unet.py "${SD[@]}" "${UNET[@]}" --variants "${EAGER[@]}" --csv "$OUT/unet_sd15.csv" --md "$OUT/unet_sd15.md"
 # Cold compiles of the SD1.5 U-Net (plain, and dcfx's full + shallow graphs) dominate here.
 stage unet_sd15_compiled 220 "$PY" benchmarks/bench_unet.py "${SD[@]}" --repeats 2 "${UNET[@]}" --variants "${COMPILED[@]}" --csv "$OUT/unet_sd15_compiled.csv" --md "$OUT/unet_sd15_compiled.md"
-stage unet_sdxl 100 "$PY" benchmarks/bench_unet.py "${XL[@]}" "${UNET[@]}" --variants "${XL_VARIANTS[@]}" --csv "$OUT/unet_sdxl.csv" --md "$OUT/unet_sdxl.md"
+stage unet_sdxl 110 "$PY" benchmarks/bench_unet.py "${XL[@]}" "${UNET[@]}" --variants "${XL_VARIANTS[@]}" --csv "$OUT/unet_sdxl.csv" --md "$OUT/unet_sdxl.md"
 stage bench_kernels_channels_last 40 "$PY" benchmarks/bench_kernels.py --dtype fp16 --channels-last --cuts-only "${KERNEL_BENCH[@]}"
 # dcfx profile's CUDA path (kernels attributed to the dcfx.full/shallow ranges); the trace stays local.
 stage profile 40 "$PY" -m dcfx profile "${PROFILE[@]}" --top 8 --trace /tmp/dcfx_profile_trace.json --force
