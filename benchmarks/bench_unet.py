@@ -67,6 +67,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 
 import dcfx
+import dcfx.policies
 from dcfx.example import build_unet
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -170,7 +171,10 @@ def conditioning(config: Any, rows: int, device: torch.device, dtype: torch.dtyp
 
 
 def flop_bounds(unet: UNet2DConditionModel, args: argparse.Namespace, rows: int, dtype: torch.dtype) -> dict[int, float]:
-    """`dcfx.report`'s speedup bound per branch, counted on a meta-device copy (no weights)."""
+    """`dcfx.report`'s speedup bound per branch, counted on a meta-device copy (no weights);
+    none for an adaptive policy, whose full steps are only known once it ran."""
+    if args.adaptive:
+        return {}
     with torch.device("meta"):
         twin = type(unet).from_config(unet.config).eval()
         if dtype != torch.float32:
@@ -187,7 +191,8 @@ def flop_bounds(unet: UNet2DConditionModel, args: argparse.Namespace, rows: int,
 def dcfx_config(args: argparse.Namespace, branch: int = 0, **compile_settings: Any) -> dcfx.DeepCacheConfig:
     return dcfx.DeepCacheConfig(
         interval=args.interval, branch=branch, schedule=args.schedule, center=args.center,
-        power=args.power, **compile_settings,
+        power=args.power, adaptive=args.adaptive, threshold=args.threshold, forecast=args.forecast,
+        **compile_settings,
     )
 
 
@@ -217,50 +222,29 @@ class _Reference:
 
 
 class _Replayed:
-    """CUDA graphs captured once and replayed per step, as the README's recipe does.
+    """CUDA graphs captured once and replayed per step.
 
-    For a DeepCacheUNet: one full-step and one shallow-step graph (the first full and the first
-    shallow step of a generation under its schedule), replayed as the schedule says; for the
-    plain U-Net: one graph. Inputs are copied into the captured input tensors.
+    For a DeepCacheUNet: `dcfx.cuda_graphs` (the README's recipe), which replays the graph its
+    policy picks per step; for the plain U-Net: one graph of one call. Inputs are copied into
+    the captured input tensors.
     """
 
     def __init__(self, unet: Any, x: torch.Tensor, t: torch.Tensor, cond: dict, num_steps: int):
-        self.unet, self.x, self.t, self.cond = unet, x.clone(), t.clone(), cond
-        self.cached = isinstance(unet, dcfx.DeepCacheUNet)
+        self.x, self.t = x.clone(), t.clone()
+        self.step, self.num_steps = 0, num_steps
+        if isinstance(unet, dcfx.DeepCacheUNet):
+            self.graphs = dcfx.cuda_graphs(unet, self.x, self.t, **cond)
+            return
+        self.graphs = None
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: capture dcfx's graphs, allocate the cache
+        with torch.cuda.stream(side):  # warm-up: let the allocator settle before capture
             for _ in range(2):
-                self._steps(num_steps, capture=False)
+                unet(self.x, self.t, **cond)
         torch.cuda.current_stream().wait_stream(side)
-        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}
-        self.outs: dict[bool, torch.Tensor] = {}
-        self._steps(num_steps, capture=True)
-        self.step, self.num_steps = 0, num_steps
-
-    def _steps(self, num_steps: int, capture: bool) -> None:
-        """Run a generation's steps until a full and a shallow one have run (captured or not)."""
-        if not self.cached:
-            self._run(True, capture)
-            return
-        self.unet.begin(num_steps)
-        kinds = {self.unet.is_full_step(i, num_steps) for i in range(num_steps)}
-        done: set[bool] = set()
-        for i in range(num_steps):
-            full = self.unet.is_full_step(i, num_steps)
-            self._run(full, capture and full not in done)
-            done.add(full)
-            if done == kinds:
-                return
-
-    def _run(self, full: bool, capture: bool) -> None:
-        if not capture:
-            self.unet(self.x, self.t, **self.cond)
-            return
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.outs[full] = self.unet(self.x, self.t, **self.cond).sample
-        self.graphs[full] = graph
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = unet(self.x, self.t, **cond).sample
 
     def begin(self, num_steps: int) -> None:
         self.step, self.num_steps = 0, num_steps
@@ -268,10 +252,13 @@ class _Replayed:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> Any:
         self.x.copy_(x)
         self.t.copy_(t)
-        full = not self.cached or self.unet.is_full_step(self.step, self.num_steps)
+        if self.graphs is not None:
+            out = self.graphs.step(self.step, self.num_steps)
+        else:
+            self.graph.replay()
+            out = types.SimpleNamespace(sample=self.out)
         self.step += 1
-        self.graphs[full].replay()
-        return types.SimpleNamespace(sample=self.outs[full])
+        return out
 
 
 def compile_settings(variant: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -460,12 +447,17 @@ def heading(args: argparse.Namespace, device: torch.device, model: str, rows: in
         "inductor " + ", ".join(f"{k}={v!r}" for k, v in args.compile_options.items())
     )
     schedule = args.schedule + (f" (center {args.center}, power {args.power})" if args.schedule == "nonuniform" else "")
+    policy = f"N={args.interval}, {{b}}, {schedule} schedule"
+    if args.adaptive:
+        threshold = args.threshold if args.threshold is not None else dcfx.policies.DEFAULT_THRESHOLDS[args.adaptive]
+        policy = f"adaptive '{args.adaptive}' (threshold {threshold}), {{b}}"
+    if args.forecast:
+        policy += f", forecast order {args.forecast}"
     pixels = 8 * args.resolution
     cfg = f"batch {args.batch} x 2 (CFG) = {rows}" if args.guidance > 1 else f"batch {rows} (no CFG)"
     return [
         f"{model}, {pixels}x{pixels} (latent {args.resolution}x{args.resolution}), {cfg}, {args.dtype}, "
-        f"{args.steps} DDIM steps; DeepCache N={args.interval}, "
-        f"b={','.join(map(str, args.branch))}, {schedule} schedule",
+        f"{args.steps} DDIM steps; DeepCache " + policy.format(b=f"b={','.join(map(str, args.branch))}"),
         f"{machine(device)}; {versions()}; compiled variants: {compile_desc}; "
         f"median and min-max of {args.repeats} interleaved repeats",
     ]
@@ -563,7 +555,8 @@ def default_output(args: argparse.Namespace, device: torch.device, suffix: str) 
     model = Path(args.model).stem if args.model else args.arch
     name = (
         f"unet_{model}_{device.type}_{args.dtype}_{args.resolution}x{args.resolution}_b{args.batch}_"
-        f"{args.steps}steps_N{args.interval}_b{'-'.join(map(str, args.branch))}_{args.schedule}{suffix}"
+        f"{args.steps}steps_N{args.interval}_b{'-'.join(map(str, args.branch))}_{args.schedule}"
+        f"{f'_adaptive-{args.adaptive}' if args.adaptive else ''}{f'_forecast{args.forecast}' if args.forecast else ''}{suffix}"
     )
     return Path(__file__).parent / "results" / name
 
@@ -597,6 +590,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--schedule", choices=("uniform", "nonuniform"), default="uniform")
     p.add_argument("--center", type=int, default=15, help="non-uniform schedule's centre step")
     p.add_argument("--power", type=float, default=1.4, help="non-uniform schedule's power")
+    p.add_argument("--adaptive", choices=("cut", "accumulated", "latent"),
+                   help="dcfx variants gate each step on this signal (random weights: times the mechanics only)")
+    p.add_argument("--threshold", type=float, help="the adaptive signal's threshold (default: the signal's)")
+    p.add_argument("--forecast", type=int, choices=(0, 1, 2), default=0, help="dcfx variants extrapolate the deep feature")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
                    help=f"some of {', '.join(VARIANTS)} (default: all but dcfx-compile-unfused that run on the device)")
     p.add_argument("--compile-mode", help="torch.compile mode for the compiled variants (not with --compile-options)")
@@ -630,6 +627,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if bad:
         cpu = ", ".join(v for v in VARIANTS if v not in CUDA_ONLY)
         p.error(f"CUDA-only variant(s) {', '.join(bad)} need --device cuda (variants on {device.type}: {cpu})")
+    if args.adaptive or args.forecast:
+        if args.variants and "reference" in args.variants:
+            p.error("the reference helper has no adaptive or forecast policy: drop 'reference'")
+        variants = [v for v in variants if v != "reference"]
     if "reference" in variants and args.schedule != "uniform":
         p.error("the reference helper schedules only uniformly: drop 'reference' or use --schedule uniform")
     if args.compile_mode and set(variants) & FREEZING:

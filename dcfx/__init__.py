@@ -9,19 +9,25 @@ optionally compiles both graphs (compile) and runs one of them per step (runtime
 `fast.graphs(...)` shows them; `dcfx.package`/`dcfx.load_package` ship them AOT-compiled.
 """
 
-from .api import disable, enable, optimize
-from .config import DeepCacheConfig
+from .api import cuda_graphs, disable, enable, optimize
+from .calibrate import calibrate
+from .config import Calibration, DeepCacheConfig
 from .inspection import DeepCacheGraphs
 from .package import load_package, package
 from .report import Report, report
 from .runtime import DeepCacheUNet
+from .runtime.spent import Spent
 from .schedule import nonuniform_full_steps
 
 __all__ = [
+    "Calibration",
     "DeepCacheConfig",
     "DeepCacheGraphs",
     "DeepCacheUNet",
     "Report",
+    "Spent",
+    "calibrate",
+    "cuda_graphs",
     "disable",
     "enable",
     "load_package",

@@ -12,9 +12,11 @@ import torch
 from torch import nn
 
 from . import compile as _compile
+from .calibrate import check_model, check_scheduler
 from .capture import CallBinder
 from .config import DeepCacheConfig
 from .runtime import DeepCacheUNet
+from .runtime.cuda_graphs import StepGraphs
 
 def optimize(unet: nn.Module, config: DeepCacheConfig | None = None, **options: Any) -> DeepCacheUNet:
     """Wrap `unet` so that it runs DeepCache; a drop-in replacement in pipelines and loops.
@@ -61,9 +63,32 @@ def optimize(unet: nn.Module, config: DeepCacheConfig | None = None, **options: 
     not_a_unet = CallBinder(unet).not_a_unet
     if not_a_unet:
         raise TypeError(not_a_unet)
+    check_model(config, unet)
     fast = DeepCacheUNet(unet, config, compiler)  # compiler None: the config's settings
     fast.__dict__["_dc_given"] = given  # not a submodule: `unet` already registers its weights
     return fast
+
+
+def cuda_graphs(fast: DeepCacheUNet, *args: Any, capture: bool | None = None, **kwargs: Any) -> StepGraphs:
+    """Capture `fast`'s steps for this call signature in CUDA graphs, to replay per step.
+
+    Call it like the U-Net, with the static tensors the loop will update in place (the
+    sample and a tensor timestep; the conditioning usually stays). Then `graphs.step(i,
+    num_steps)` runs step `i` of a generation (0 starts one) by replaying the graph its
+    policy picks, and returns the U-Net's output in static tensors (the next step overwrites
+    them: hand the scheduler a copy). Fixed and calibrated schedules read nothing from the
+    device; adaptive policies read their one scalar per step. `capture=False` (the default
+    without CUDA) runs the same steps uncaptured.
+
+        graphs = dcfx.cuda_graphs(fast, x, t, encoder_hidden_states=text)
+        for i, step_t in enumerate(scheduler.timesteps):
+            x.copy_(scheduler.scale_model_input(latents, step_t)); t.copy_(step_t)
+            eps = graphs.step(i, len(scheduler.timesteps)).sample.clone()
+            latents = scheduler.step(eps, step_t, latents).prev_sample
+    """
+    if not isinstance(fast, DeepCacheUNet):
+        raise TypeError(f"cuda_graphs takes a DeepCacheUNet (dcfx.optimize's result), got {type(fast).__name__}")
+    return StepGraphs(fast, args, kwargs, capture=capture)
 
 
 def enable(pipe: Any, config: DeepCacheConfig | None = None, **options: Any) -> DeepCacheUNet:
@@ -86,6 +111,7 @@ def enable(pipe: Any, config: DeepCacheConfig | None = None, **options: Any) -> 
     if _deepcache_unet(pipe.unet) is not None:
         disable(pipe)
     unet = optimize(pipe.unet, config, **options)
+    check_scheduler(unet.deepcache_config, pipe.scheduler)
     _set_unet(pipe, unet)
     _listen(pipe.scheduler, _Listener(pipe, unet))
     return unet
@@ -204,6 +230,7 @@ def _announce(scheduler: Any, start: int) -> None:
     for listener in list(_LISTENERS.get(scheduler, ())):
         unet = listener.unet()
         if unet is not None:
+            check_scheduler(unet.deepcache_config, scheduler)
             unet._plan(max(len(timesteps) - start, 1), listener.valid)
 
 

@@ -2,10 +2,15 @@
 
 The call is normalised (positional or keyword, Python-number timestep or tensor), flattened
 with torch's pytree, and exported with `torch.export`. The graph takes the call's tensor
-leaves as placeholders, in flattening order, and returns the output's tensor leaves; all
-non-tensor values (flags, `cross_attention_kwargs` numbers, the argument structure) are
-constants of the graph and part of the signature key, so a call that differs in any of
-them gets its own capture. Weights stay the module's own tensors (`get_attr`, no copy).
+leaves as placeholders, in flattening order, and returns the output's tensor leaves. A
+timestep given as a number becomes the tensor the model class itself would make of it, and
+float values in `cross_attention_kwargs` and `added_cond_kwargs` (a LoRA scale schedule)
+become 0-d float64 tensors, so both are graph inputs and a new value costs no new capture;
+where the U-Net branches on such a float (PEFT does on its LoRA scale), the call is bound
+again with the floats as constants (`CallBinder.keep_floats`). All other non-tensor values
+(flags, the argument structure) are constants of the graph and part of the signature key,
+so a call that differs in any of them gets its own capture. Weights stay the module's own
+tensors (`get_attr`, no copy).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from .passes.functional import remove_mutations
+
 UNET_PREFIX = "unet."  # the adapter holds the U-Net as `unet`: module paths start so
 # Marks where a tensor leaf goes among a call's constants (None is a real argument value).
 TENSOR_SLOT = object()
@@ -39,6 +46,14 @@ class Call:
     constants: tuple  # non-tensor leaves, TENSOR_SLOT where the leaf is a tensor
     timestep: Any  # the timestep argument: a tensor as passed, or a Python int/float
     return_dict: bool
+    sample: Any = None  # the sample argument as passed
+    conditioning: tuple[torch.Tensor, ...] = ()  # tensors identifying the call's stream
+    timestep_index: int | None = None  # the timestep's position in `tensors`
+    lifted: bool = False  # some float arguments are graph inputs (see the module docstring)
+
+
+class FloatsNotLiftable(Exception):
+    """Export failed because the U-Net branches on a float that was made a graph input."""
 
 
 @dataclass
@@ -80,8 +95,22 @@ class CallBinder:
                 f"{self._name}.forward{self._signature} takes no timestep"
             )
         self._has_return_dict = "return_dict" in names
+        self._sample_name = names[0] if names else None
+        self._module = module
+        self._timestep_kind = _timestep_kind(module)
+        self._keep_floats: set[tuple] = set()  # lifted keys whose export needs the floats fixed
+
+    def keep_floats(self, call: Call) -> None:
+        """From now on, calls like `call` keep their float arguments as graph constants."""
+        self._keep_floats.add(call.key)
 
     def bind(self, args: tuple, kwargs: dict) -> Call:
+        call = self._bind(args, kwargs, lift=True)
+        if call.lifted and call.key in self._keep_floats:
+            call = self._bind(args, kwargs, lift=False)
+        return call
+
+    def _bind(self, args: tuple, kwargs: dict, lift: bool) -> Call:
         if self.not_a_unet:
             raise TypeError(self.not_a_unet)
         try:
@@ -91,14 +120,31 @@ class CallBinder:
         named = dict(bound.arguments)
         return_dict = bool(named.pop("return_dict", True)) if self._has_return_dict else False
         timestep = named.get(self._timestep_name)
+        sample = named.get(self._sample_name)
+        conditioning = conditioning_of(named, self._sample_name, self._timestep_name)
         if self._timestep_name in named and not isinstance(timestep, torch.Tensor):
             timestep = _host_number(timestep)
-            named[self._timestep_name] = _timestep_tensor(timestep, _first_tensor(named))
+            named[self._timestep_name] = _timestep_tensor(timestep, _first_tensor(named), self._timestep_kind)
+        lifted = False
+        attention = named.get("cross_attention_kwargs")
+        if isinstance(attention, dict) and "scale" in attention:
+            named["cross_attention_kwargs"] = attention = _lora_scale(attention, self._module, _first_tensor(named))
+        if lift:
+            for name in LIFTED:
+                value = named.get(name)
+                if isinstance(value, dict):
+                    new = _lift_floats(value, _first_tensor(named))
+                    if new is not value:
+                        named[name], lifted = new, True
         leaves, spec = pytree.tree_flatten(named)
         tensors = tuple(x for x in leaves if isinstance(x, torch.Tensor))
         constants = tuple(TENSOR_SLOT if isinstance(x, torch.Tensor) else x for x in leaves)
         key = (spec, tuple(_leaf_key(x) for x in leaves), _autocast_state(tensors))
-        return Call(tensors, key, spec, constants, timestep, return_dict)
+        timestep_index = None
+        step_tensor = named.get(self._timestep_name)
+        if isinstance(step_tensor, torch.Tensor):
+            timestep_index = next((i for i, x in enumerate(tensors) if x is step_tensor), None)
+        return Call(tensors, key, spec, constants, timestep, return_dict, sample, conditioning, timestep_index, lifted)
 
     def _unexpected_keyword(self, kwargs: dict) -> str | None:
         """Named first, as Python does, with the parameter a misspelling probably means."""
@@ -137,14 +183,117 @@ def _host_number(t: Any) -> int | float:
     raise TypeError(f"timestep must be a tensor or a real number (Python or numpy), got {type(t).__name__}")
 
 
-def _timestep_tensor(t: int | float, like: torch.Tensor | None) -> torch.Tensor:
-    # Same tensor diffusers makes from a Python number, so results are identical; as a
+# Keyword arguments whose float values become graph inputs (per-step scalars: a LoRA scale).
+LIFTED = ("cross_attention_kwargs", "added_cond_kwargs")
+# Arguments that change every step by design: not part of a call's stream (its conditioning).
+PER_STEP_ARGUMENTS = frozenset(
+    {"down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals"}
+)
+
+
+def _lora_scale(attention: dict, module: nn.Module, like: torch.Tensor | None) -> dict:
+    """`cross_attention_kwargs` with its LoRA scale as a graph input, or without it.
+
+    diffusers reads the scale in Python (PEFT scales the adapter layers' `scaling` before
+    the forward): without adapters it is ineffective, so it is dropped; with adapters it
+    becomes a 0-d tensor that `_Adapter` multiplies into the layers' scalings while it
+    exports, so the graph scales the LoRA updates by its input, and a schedule of scales
+    costs one export.
+    """
+    attention = dict(attention)
+    scale = attention.pop("scale")
+    if scale is not None and _lora_layers(module):
+        device = like.device if like is not None else None
+        attention["scale"] = scale if isinstance(scale, torch.Tensor) else torch.tensor(float(scale), dtype=torch.float64, device=device)
+    return attention
+
+
+def _lora_layers(module: nn.Module) -> list[nn.Module]:
+    """PEFT's LoRA layers (a `scaling` dict per adapter) in `module`."""
+    return [m for m in module.modules() if isinstance(getattr(m, "scaling", None), dict) and hasattr(m, "lora_A")]
+
+
+@contextlib.contextmanager
+def _lora_scaled(module: nn.Module, scale: torch.Tensor) -> Iterator[None]:
+    """Multiply every LoRA layer's scalings by `scale` (a traced tensor) for one trace."""
+    saved = [(m, dict(m.scaling)) for m in _lora_layers(module)]
+    try:
+        for m, scaling in saved:
+            for name, value in scaling.items():
+                m.scaling[name] = value * scale
+        yield
+    finally:
+        for m, scaling in saved:
+            m.scaling.clear()
+            m.scaling.update(scaling)
+
+
+def _lift_floats(value: dict, like: torch.Tensor | None) -> dict:
+    """`value` with its float entries (nested too) as 0-d float64 tensors; itself if none."""
+    out, changed = {}, False
+    device = like.device if like is not None else None
+    for k, v in value.items():
+        if isinstance(v, float) or isinstance(v, np.floating):
+            out[k], changed = torch.tensor(float(v), dtype=torch.float64, device=device), True
+        elif isinstance(v, dict):
+            new = _lift_floats(v, like)
+            out[k], changed = new, changed or new is not v
+        else:
+            out[k] = v
+    return out if changed else value
+
+
+def conditioning_of(named: dict[str, Any], sample_name: str | None, timestep_name: str | None) -> tuple[torch.Tensor, ...]:
+    """The tensors that identify a call's stream: every tensor argument but the sample, the
+    timestep and the per-step residuals (ControlNet's)."""
+    out: list[torch.Tensor] = []
+    for name, value in named.items():
+        if name in (sample_name, timestep_name) or name in PER_STEP_ARGUMENTS:
+            continue
+        _collect_tensors(value, out)
+    return tuple(out)
+
+
+def _collect_tensors(obj: Any, out: list[torch.Tensor]) -> None:
+    # Not torch's pytree: this runs per call, and U-Net arguments nest only in dicts and tuples.
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, (tuple, list)):
+        for x in obj:
+            _collect_tensors(x, out)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            _collect_tensors(x, out)
+
+
+# How each diffusers model class turns a timestep given as a number into a tensor:
+# (dtype for a float, dtype for an int); "device" adjusts for devices without 64-bit types.
+_TIMESTEP_KINDS = {
+    "UNet1DModel": (torch.int64, torch.int64),
+    "UNet2DModel": (torch.int64, torch.int64),  # a float is truncated: long, as diffusers does
+    "Kandinsky3UNet": (torch.float32, torch.int32),
+}
+_DEFAULT_TIMESTEP_KIND = (torch.float64, torch.int64)
+_NO_64_BIT = ("mps", "npu", "neuron")  # devices diffusers gives 32-bit timesteps
+
+
+def _timestep_kind(module: nn.Module) -> tuple[torch.dtype, torch.dtype]:
+    for cls in type(module).__mro__:
+        if cls.__name__ in _TIMESTEP_KINDS:
+            return _TIMESTEP_KINDS[cls.__name__]
+    return _DEFAULT_TIMESTEP_KIND
+
+
+def _timestep_tensor(t: int | float, like: torch.Tensor | None,
+                     kind: tuple[torch.dtype, torch.dtype] = _DEFAULT_TIMESTEP_KIND) -> torch.Tensor:
+    # The tensor the model class makes from a Python number, so results are identical; as a
     # tensor the timestep is a graph input instead of a constant baked into the capture.
     device = like.device if like is not None else None
-    if isinstance(t, float):
-        dtype = torch.float32 if device is not None and device.type in ("mps", "npu") else torch.float64
-    else:
-        dtype = torch.int64
+    dtype = kind[0] if isinstance(t, float) else kind[1]
+    if kind == _DEFAULT_TIMESTEP_KIND and device is not None and device.type in _NO_64_BIT:
+        dtype = torch.float32 if dtype == torch.float64 else torch.int32
+    if dtype in (torch.int64, torch.int32) and isinstance(t, float):
+        t = int(t)  # torch.tensor([500.7], dtype=long) truncates, as the model class's own does
     return torch.tensor([t], dtype=dtype, device=device)
 
 
@@ -176,6 +325,11 @@ class _Adapter(nn.Module):
             # The output object (e.g. UNet2DConditionOutput) is a pytree node, so its class
             # lands in the out spec; the runtime turns it into a tuple for return_dict=False.
             named["return_dict"] = True
+        attention = named.get("cross_attention_kwargs")
+        if isinstance(attention, dict) and isinstance(attention.get("scale"), torch.Tensor):
+            named["cross_attention_kwargs"] = attention = dict(attention)
+            with _lora_scaled(self.unet, attention.pop("scale")):  # see `_lora_scale`
+                return self.unet(**named)
         return self.unet(**named)
 
 
@@ -186,6 +340,10 @@ def capture(unet: nn.Module, call: Call) -> Capture:
         with _held_logs(_EXPORT_LOGGERS) as held, torch.no_grad():
             ep = torch.export.export(adapter, call.tensors, strict=False)
     except Exception as export_error:
+        if call.lifted:
+            # Perhaps the U-Net branches on a float made a graph input: the caller binds the
+            # call again with its floats as constants (and says why if that fails too).
+            raise FloatsNotLiftable(str(export_error)) from export_error
         # Usually the arguments do not fit the U-Net (a wrong width or channel count): then
         # the plain U-Net's own error says so, without export's fake-tensor traceback.
         try:
@@ -208,6 +366,7 @@ def capture(unet: nn.Module, call: Call) -> Capture:
     for hook_dict in (gm._forward_pre_hooks, gm._forward_hooks):
         hook_dict.clear()
     gm.recompile()
+    remove_mutations(gm)  # export keeps in-place writes (FreeU's): the passes need none
     return Capture(gm, ep.call_spec.out_spec)
 
 
@@ -259,6 +418,24 @@ class _Leaf:
 
     def __init__(self, key: Any):
         self.key = key
+
+
+def changed_arguments(a: tuple, b: tuple) -> list[str]:
+    """The arguments (as `describe_signature` names them) whose values differ between two
+    signature keys of the same structure; [] when the structure itself differs."""
+    (spec_a, leaves_a, _), (spec_b, leaves_b, _) = a, b
+    if spec_a != spec_b or len(leaves_a) != len(leaves_b):
+        return []
+    names = _leaf_names(spec_a, leaves_a)
+    return [name for name, x, y in zip(names, leaves_a, leaves_b) if x != y]
+
+
+def _leaf_names(spec: pytree.TreeSpec, leaves: tuple) -> list[str]:
+    tree = pytree.tree_unflatten([_Leaf(x) for x in leaves], spec)
+    return [
+        pytree.keystr(path).replace("['", ".").replace("']", "").lstrip(".")
+        for path, _ in pytree.tree_flatten_with_path(tree)[0]
+    ]
 
 
 def describe_signature(key: tuple) -> str:

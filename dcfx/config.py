@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import numbers
 import operator
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
 SCHEDULES = ("uniform", "nonuniform")
+# Adaptive gating signals (see dcfx/policies.py): the change of the fresh feature at the cut
+# since the last full step, its step-to-step change accumulated (rescaled by a calibration),
+# and the third-order difference of the latents.
+SIGNALS = ("cut", "accumulated", "latent")
+DEFAULT_SIGNAL = "cut"
+FORECAST_ORDERS = (0, 1, 2)
 
 Schedule = Union[str, Sequence[int]]
 
@@ -43,6 +52,24 @@ class DeepCacheConfig:
         fuse_cut: True to replace the shallow graph's concatenation at the cut by the fused
             cat + GroupNorm + SiLU op (Triton on CUDA). The environment variable
             `DCFX_DISABLE_FUSION=1` turns this off regardless.
+        adaptive: None for a fixed schedule, or the signal that decides per step whether the
+            deep path runs: "cut" (relative L1 change of the fresh feature at the cut since
+            the last full step), "accumulated" (its step-to-step change, rescaled by
+            `rescale` and summed since the last full step), "latent" (third-order difference
+            of the latents relative to their first-order one). True means "cut". A step is
+            full when its signal reaches `threshold`. The signal is one scalar read on the
+            host per step (a device-to-host sync on CUDA); interval and schedule are unused.
+        threshold: the adaptive signal's threshold (> 0); None: the signal's default.
+        warmup: adaptive: the first `warmup` steps of a generation are full (>= 1).
+        max_shallow: adaptive: at most this many shallow steps in a row (>= 1).
+        rescale: "accumulated": polynomial coefficients (highest power first) mapping the
+            step-to-step signal to the deep feature's change, as `dcfx.calibrate` fits them;
+            empty: the signal itself.
+        forecast: 0 reuses the last full step's deep feature; 1 or 2 extrapolates it from the
+            last 2 or 3 full steps (in timestep units, inside the shallow graph). Each order
+            keeps one more cached tensor per stream.
+        calibration: set by `dcfx.calibrate`: what the explicit schedule was fitted for (the
+            model, scheduler and step count); dcfx refuses to run it elsewhere.
     """
 
     interval: int = 3
@@ -54,6 +81,52 @@ class DeepCacheConfig:
     compile_mode: str | None = None
     compile_options: Mapping[str, Any] = field(default_factory=dict)
     fuse_cut: bool = True
+    adaptive: str | None = None
+    threshold: float | None = None
+    warmup: int = 2
+    max_shallow: int = 4
+    rescale: tuple[float, ...] = ()
+    forecast: int = 0
+    calibration: "Calibration | None" = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as JSON-able values (`from_dict` reads them back)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["schedule"] = self.schedule if isinstance(self.schedule, str) else list(self.schedule)
+        out["compile_options"] = dict(self.compile_options)
+        out["rescale"] = list(self.rescale)
+        if self.calibration is not None:
+            out["calibration"] = asdict(self.calibration)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "DeepCacheConfig":
+        """A config from `to_dict`'s values (unknown keys are refused, naming the valid ones)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown DeepCacheConfig field(s) {', '.join(unknown)}; valid fields are {', '.join(sorted(names))}")
+        values = dict(data)
+        if values.get("calibration") is not None:
+            values["calibration"] = Calibration(**values["calibration"])
+        return cls(**values)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the config (a calibrated schedule with its calibration record) as JSON."""
+        Path(path).write_text(json.dumps({"dcfx_config": 1, **self.to_dict()}, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "DeepCacheConfig":
+        """Read a config `save` wrote."""
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict) or data.pop("dcfx_config", None) != 1:
+            raise ValueError(f"{path} is not a dcfx config file (DeepCacheConfig.save writes them)")
+        return cls.from_dict(data)
+
+    @property
+    def needs_head(self) -> bool:
+        """Whether steps decide after running the head graph (a signal at the cut)."""
+        return self.adaptive in ("cut", "accumulated")
 
     def __post_init__(self) -> None:
         # Numpy integers and floats (e.g. from a sweep over np.arange) are accepted and
@@ -95,6 +168,60 @@ class DeepCacheConfig:
                 "mode's settings into compile_options or drop them"
             )
         object.__setattr__(self, "compile_options", dict(self.compile_options))
+        self._check_policy()
+
+    def _check_policy(self) -> None:
+        adaptive = self.adaptive
+        if adaptive is True or isinstance(adaptive, np.bool_) and adaptive:
+            adaptive = DEFAULT_SIGNAL
+        elif adaptive is False or isinstance(adaptive, np.bool_):
+            adaptive = None
+        if adaptive is not None and adaptive not in SIGNALS:
+            raise ValueError(f"adaptive must be None, True or one of {SIGNALS}, got {self.adaptive!r}")
+        object.__setattr__(self, "adaptive", adaptive)
+        threshold = self.threshold
+        if threshold is not None:
+            if isinstance(threshold, (bool, np.bool_)) or not isinstance(threshold, numbers.Real) or not threshold > 0:
+                raise ValueError(f"threshold must be a number > 0 (or None for the signal's default), got {threshold!r}")
+            object.__setattr__(self, "threshold", float(threshold))
+        object.__setattr__(self, "warmup", integer("warmup", self.warmup, minimum=1, meaning="step 0 is always full"))
+        object.__setattr__(self, "max_shallow", integer("max_shallow", self.max_shallow, minimum=1))
+        try:
+            rescale = tuple(float(c) for c in self.rescale)
+        except (TypeError, ValueError):
+            raise ValueError(f"rescale must be a sequence of polynomial coefficients, got {self.rescale!r}") from None
+        object.__setattr__(self, "rescale", rescale)
+        if rescale and adaptive != "accumulated":
+            raise ValueError(f"rescale applies to adaptive='accumulated' only (adaptive={adaptive!r})")
+        if isinstance(self.forecast, (bool, np.bool_)) or self.forecast not in FORECAST_ORDERS:
+            raise ValueError(f"forecast must be one of {FORECAST_ORDERS} (the extrapolation order), got {self.forecast!r}")
+        object.__setattr__(self, "forecast", int(self.forecast))
+        if self.forecast and adaptive is None and self.interval == 1 and isinstance(self.schedule, str):
+            raise ValueError("forecast needs shallow steps to forecast: interval=1 runs every step full")
+        if self.calibration is not None:
+            if not isinstance(self.calibration, Calibration):
+                raise ValueError(f"calibration must be a dcfx Calibration (made by dcfx.calibrate), got {self.calibration!r}")
+            if isinstance(self.schedule, str) and adaptive is None:
+                raise ValueError("a calibration belongs to an explicit schedule (the one dcfx.calibrate chose)")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What a calibrated schedule was fitted for: `dcfx.calibrate` makes it, the runtime checks
+    it (another model, scheduler or step count is refused)."""
+
+    model: str  # the U-Net's class, config and a weight fingerprint, as a digest
+    model_name: str  # the U-Net's class name, for messages
+    scheduler: str  # the scheduler's class and config, as a digest ('' when not known)
+    scheduler_name: str
+    num_steps: int
+    budget: float  # full-U-Net-call equivalents per generation the schedule was chosen for
+    rescale: tuple[float, ...] = ()  # the "accumulated" signal's fitted polynomial
+    correlations: tuple[tuple[str, float], ...] = ()  # each signal's Spearman correlation
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rescale", tuple(float(c) for c in self.rescale))
+        object.__setattr__(self, "correlations", tuple((str(n), float(v)) for n, v in self.correlations))
 
 
 def integer(name: str, value: Any, minimum: int, meaning: str = "", kind: str = "an integer") -> int:

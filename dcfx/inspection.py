@@ -13,13 +13,15 @@ import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch import fx
 
-from .capture import UNET_PREFIX, module_path
-from .passes.split import find_skips
+from .capture import UNET_PREFIX, describe_signature, module_path
+from .compile import LazyGraph
+from .passes.split import CACHE_INPUT, find_skips
 
 # First line of every file `write` makes (`dcfx graphs` overwrites only files that start so).
 WRITTEN_BY = "# Written by dcfx (DeepCacheGraphs.write)"
@@ -42,6 +44,10 @@ class DeepCacheGraphs:
     out_spec: pytree.TreeSpec
     key: tuple  # the input signature key (packages record it)
     signature: str  # the input signature in words
+    # Head-gated policies: `head(*inputs)` runs first; `full` and `shallow` are then the rest
+    # and the tail, which also take the head's outputs after the call's tensors.
+    head: fx.GraphModule | None = None
+    forecast: int = 0  # the shallow graph extrapolates the feature from this many earlier ones
 
     @functools.cached_property
     def cut(self) -> Cut:
@@ -70,6 +76,13 @@ class DeepCacheGraphs:
             ),
             "cut.txt": f"{self.cut}\n\ninput signature: {self.signature}\n",
         }
+        if self.head is not None:
+            texts["head.py"] = _readable_code(
+                self.head,
+                f"dcfx head graph, branch {self.branch}: run first on every step; its outputs feed the",
+                "full graph (the rest) or the shallow graph (the tail), after the call's tensors.",
+                f"Input signature: {self.signature}",
+            )
         paths = []
         for name, text in texts.items():
             path = out / name
@@ -184,26 +197,58 @@ def _describe_cut(graphs: DeepCacheGraphs) -> Cut:
     full, shallow, n = graphs.full, graphs.shallow, graphs.num_cached
     (output,) = full.graph.find_nodes(op="output")
     produced = list(output.args[0])[-n:]
-    inputs = [p for p in shallow.graph.nodes if p.op == "placeholder"][-n:]
+    placeholders = [p for p in shallow.graph.nodes if p.op == "placeholder"]
+    first = next(i for i, p in enumerate(placeholders) if p.name == CACHE_INPUT)
+    inputs = placeholders[first:]
     cached = []
-    for node, placeholder in zip(produced, inputs):
+    for i, placeholder in enumerate(inputs):
+        node = produced[i] if i < len(produced) else None
         val = placeholder.meta.get("val")
-        if val is None:
+        if val is None and node is not None:
             val = node.meta["val"]
-        cached.append(CachedTensor(
-            placeholder.name, tuple(val.shape), val.dtype, val.numel() * val.element_size(),
-            module_path(node), _op_name(node),
-        ))
-    shallow_modules, skipped_modules = _partition_modules(full.graph, shallow.graph)
+        producer = (module_path(node), _op_name(node)) if node is not None else ("", "earlier full steps")
+        cached.append(CachedTensor(placeholder.name, tuple(val.shape), val.dtype, val.numel() * val.element_size(), *producer))
+    head = [graphs.head.graph] if graphs.head is not None else []
+    shallow_modules, skipped_modules = _partition_modules([*head, full.graph], [*head, shallow.graph])
     return Cut(
         branch=graphs.branch,
-        num_skips=len(find_skips(full.graph)),
+        num_skips=len(find_skips(full.graph)) if graphs.head is None else _skips_of(graphs),
         consumer=_consumer(inputs[0]),
         cached=tuple(cached),
         shallow_modules=shallow_modules,
         skipped_modules=skipped_modules,
-        full_nodes=operator_count(full.graph),
-        shallow_nodes=operator_count(shallow.graph),
+        full_nodes=sum(operator_count(g) for g in [*head, full.graph]),
+        shallow_nodes=sum(operator_count(g) for g in [*head, shallow.graph]),
+    )
+
+
+def _skips_of(graphs: DeepCacheGraphs) -> int:
+    # The rest graph holds every up-path concatenation (the head none): count them there.
+    return len([n for n in graphs.full.graph.nodes if n.target is torch.ops.aten.cat.default and _is_skip(n)])
+
+
+def _is_skip(node: fx.Node) -> bool:
+    parts = node.args[0]
+    val = parts[0].meta.get("val") if isinstance(parts[0], fx.Node) else None
+    dim = node.args[1] if len(node.args) > 1 else 0
+    return len(parts) == 2 and isinstance(val, torch.Tensor) and val.dim() >= 3 and dim % val.dim() == 1
+
+
+def graphs_of(entry: Any, call: Any) -> DeepCacheGraphs:
+    """The `DeepCacheGraphs` of a runtime entry (graphs.Entry) for a bound call."""
+    if not isinstance(entry.full, LazyGraph):
+        raise TypeError("this DeepCacheUNet runs AOT-compiled graphs (a loaded package): it has no FX graphs")
+    return DeepCacheGraphs(
+        full=entry.full.graph,
+        shallow=entry.shallow.graph,
+        inputs=call.tensors,
+        num_cached=entry.num_cached,
+        branch=entry.branch,
+        out_spec=entry.out_spec,
+        key=call.key,
+        signature=describe_signature(call.key),
+        head=entry.graphs["head"].graph if entry.head else None,
+        forecast=entry.forecast,
     )
 
 
@@ -236,13 +281,14 @@ def _consumer(feature: fx.Node) -> str:
     return ".".join(common)
 
 
-def _partition_modules(full: fx.Graph, shallow: fx.Graph) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(run on shallow steps, full steps only), collapsed to uniform subtrees (see `Cut`)."""
+def _partition_modules(full: list[fx.Graph], shallow: list[fx.Graph]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(run on shallow steps, full steps only), collapsed to uniform subtrees (see `Cut`);
+    `full` and `shallow` are the graphs a full and a shallow step run, in order."""
     # Module paths with operators or parameters of their own, in execution order; their
     # prefixes form the tree. Parameters count because a fused operator is traced in one
     # module but does the work of another (the cut's norm1 inside the SiLU's op).
-    own_full = dict.fromkeys(_own_modules(full))
-    own_shallow = set(_own_modules(shallow))
+    own_full = dict.fromkeys(p for g in full for p in _own_modules(g))
+    own_shallow = {p for g in shallow for p in _own_modules(g)}
     children: dict[str, list[str]] = {}
     has_own = set()
     for path in own_full:

@@ -166,7 +166,7 @@ def load_package(path: str | os.PathLike, device: str | torch.device | None = No
         graphs, runners["full"], runners["shallow"], record["forward"], manifest, target, path
     )
     fast = DeepCacheUNet(stub, record["config"])
-    if fast._preloaded is None:
+    if fast._graphs.preloaded is None:
         stub._dcfx_preload(fast)
     return fast
 

@@ -89,6 +89,8 @@ if (( DRY_RUN )); then
     XL_VARIANTS=(eager reference dcfx)
     KERNEL_BENCH=(--estimate-only)
     PROFILE=(--size tiny --device cpu --steps 4)
+    HEAD_SPLIT=(--arch tiny --resolution 8 --device cpu --dtype fp32 --repeats 3)
+    POLICY_VARIANTS=(eager dcfx)
 else
     SD=(--arch sd15 --resolution 64 --steps 50 --device cuda --dtype fp16 --repeats 3)
     XL=(--arch sdxl --resolution 128 --steps 30 --device cuda --dtype fp16 --repeats 2)
@@ -97,12 +99,20 @@ else
     XL_VARIANTS=(eager reference dcfx dcfx-cudagraph)
     KERNEL_BENCH=(--rep 50)
     PROFILE=(--size small --device cuda --dtype float16 --steps 10)
+    HEAD_SPLIT=(--arch sd15 --resolution 64 --device cuda --dtype fp16 --repeats 21)
+    POLICY_VARIANTS=(eager dcfx dcfx-cudagraph)
 fi
 UNET=(--interval 3 --branch 0 --no-progress)
 
 # Most valuable first: a stage cut by the budget loses only what comes after it.
 stage install 60 bash -c install_deps
 stage tests_cuda 120 "$PY" -m pytest -q -m "cuda and not compile" tests/test_kernel_cut_norm.py tests/test_cuda_reference.py tests/test_cuda_graphs.py
+# The adaptive and forecast policies: what the head split costs a full step (goal: <= 2%),
+# and SD1.5 generations under them, eager and replayed by dcfx.cuda_graphs (random weights:
+# the adaptive decisions mean nothing, their mechanics and overheads do).
+stage head_split 60 "$PY" benchmarks/bench_head_split.py "${HEAD_SPLIT[@]}"
+stage unet_sd15_adaptive 80 "$PY" benchmarks/bench_unet.py "${SD[@]}" "${UNET[@]}" --adaptive cut --threshold 0.2 --variants "${POLICY_VARIANTS[@]}" --csv "$OUT/unet_sd15_adaptive.csv" --md "$OUT/unet_sd15_adaptive.md"
+stage unet_sd15_forecast 80 "$PY" benchmarks/bench_unet.py "${SD[@]}" "${UNET[@]}" --forecast 2 --variants "${POLICY_VARIANTS[@]}" --csv "$OUT/unet_sd15_forecast.csv" --md "$OUT/unet_sd15_forecast.md"
 stage bench_kernels 60 "$PY" benchmarks/bench_kernels.py --dtype fp16 "${KERNEL_BENCH[@]}"
 stage unet_sd15 110 "$PY" benchmarks/bench_unet.py "${SD[@]}" "${UNET[@]}" --variants "${EAGER[@]}" --csv "$OUT/unet_sd15.csv" --md "$OUT/unet_sd15.md"
 # Cold compiles of the SD1.5 U-Net (plain, and dcfx's full + shallow graphs) dominate here.
@@ -117,7 +127,8 @@ echo
 echo "=== summary ($(( SECONDS ))s; results in $OUT) ==="
 column -t -s $'\t' "$STATUS" 2>/dev/null || cat "$STATUS"
 # The U-Net tables without their notes paragraph, which is printed once (output stays short).
-for name in unet_sd15 unet_sdxl unet_sd15_compiled; do
+[[ -f "$OUT/head_split.txt" ]] && { echo; echo "[head_split]"; grep -vi "warn\|kept in float32" "$OUT/head_split.txt"; }
+for name in unet_sd15 unet_sd15_adaptive unet_sd15_forecast unet_sdxl unet_sd15_compiled; do
     [[ -f "$OUT/$name.md" ]] && { echo; echo "[$name]"; grep -v "^s/gen:" "$OUT/$name.md"; }
 done
 grep -h -m1 "^s/gen:" "$OUT"/unet_*.md 2>/dev/null | head -1

@@ -160,3 +160,14 @@ def sample_steps(unet, scheduler, latents, cond) -> list[torch.Tensor]:
             lat = scheduler.step(eps, t, lat).prev_sample
             steps.append(lat.clone())
     return steps
+
+
+class Recorder:
+    """A dynamo backend that runs each graph as traced and records what it was given."""
+
+    def __init__(self):
+        self.graphs: list[torch.fx.GraphModule] = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm.forward

@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 import torch._dynamo
+from _tiny_unet import Recorder as _Recorder
 from _tiny_unet import tiny_unet
 from diffusers import UNet2DModel
 
@@ -20,16 +21,7 @@ from dcfx import compile as dcfx_compile
 from dcfx.passes.fuse import FUSED_OP
 
 
-class Recorder:
-    """A dynamo backend that runs the graph as traced and records what it was given."""
-
-    def __init__(self):
-        self.graphs: list[torch.fx.GraphModule] = []
-
-    def __call__(self, gm, example_inputs):
-        self.graphs.append(gm)
-        return gm.forward
-
+class Recorder(_Recorder):
     def fused(self) -> list[bool]:
         return [any(n.target is FUSED_OP for n in gm.graph.nodes) for gm in self.graphs]
 
@@ -193,7 +185,7 @@ def test_disable_gives_back_the_compiled_unet(unet):
     assert dcfx.optimize(fast, interval=3).given is compiled
 
 
-def test_compiling_an_enabled_pipeline_keeps_it_planned_and_saveable(tmp_path):
+def test_compiling_an_enabled_pipeline_keeps_it_planned_and_saveable(tmp_path, monkeypatch):
     # diffusers' documented pattern, `pipe.unet = torch.compile(pipe.unet)`, after enable.
     from _tiny_unet import tiny_vae
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -219,7 +211,7 @@ def test_compiling_an_enabled_pipeline_keeps_it_planned_and_saveable(tmp_path):
     backend = Recorder()
     pipe.unet = torch.compile(pipe.unet, backend=backend)
     reads = []
-    fast._host_timestep = lambda call: reads.append(call) or 0.0  # planned: never called
+    monkeypatch.setattr(dcfx.runtime.steps, "host_timestep", lambda t: reads.append(t) or 0.0)  # planned: never called
     torch.testing.assert_close(generate(), expected, rtol=0, atol=0)
     assert not reads and fast.history[-1] == "FSFSF" and len(backend.graphs) == 2
     pipe.save_pretrained(tmp_path)  # the plain U-Net is what gets saved

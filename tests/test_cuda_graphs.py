@@ -47,67 +47,59 @@ def test_cache_buffer_is_reused_across_steps_and_generations():
             for t in (900, 700, 500, 300):
                 fast(x, torch.tensor(t), ehs)
                 (entry,) = fast._entries.values()
-                ptrs.update(t.data_ptr() for t in entry.cache)
-    assert len(ptrs) == len(entry.cache) == 2  # the feature and its group statistics
+                (slot,) = fast._slots(entry)
+                ptrs.update(t.data_ptr() for t in slot.buffers)
+    assert len(ptrs) == len(slot.buffers) == 2  # the feature and its group statistics
 
 
-def _capture_and_replay(compile: bool):
+POLICIES = {
+    "uniform": dict(interval=3),
+    "forecast": dict(interval=3, forecast=2),
+    "cut": dict(adaptive="cut", threshold=0.3, max_shallow=3),
+    "latent": dict(adaptive="latent", threshold=1.0, max_shallow=3),
+    "calibrated": dict(schedule=(0, 1, 4, 8)),
+}
+
+
+def _capture_and_replay(compile: bool, options: dict):
+    """`dcfx.cuda_graphs` (captured) against the DeepCacheUNet run eagerly, step by step."""
     device = torch.device("cuda")
     unet = _unet(device)
-    fast = dcfx.optimize(unet, interval=3, branch=1, compile=compile)
-    reference = dcfx.optimize(unet, interval=3, branch=1)
+    fast = dcfx.optimize(unet, branch=1, compile=compile, **options)
+    reference = dcfx.optimize(unet, branch=1, **options)
     ehs = torch.randn(2, 7, 32, device=device)
     static_x = torch.randn(2, 4, 8, 8, device=device)
     static_t = torch.tensor(999, device=device)
     scheduler = DDIMScheduler()
     scheduler.set_timesteps(10, device=device)
-
     with torch.no_grad():
-        # Warm up on a side stream: export (and compile) both graphs, allocate the cache.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fast.begin()
-                fast(static_x, static_t, ehs)
-                fast(static_x, static_t, ehs)
-        torch.cuda.current_stream().wait_stream(side)
-
-        # Capture step 0 (full) and step 1 (shallow) of one explicit generation.
-        g_full, g_shallow = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        fast.begin()
-        with torch.cuda.graph(g_full):
-            out_full = fast(static_x, static_t, ehs).sample
-        with torch.cuda.graph(g_shallow):
-            out_shallow = fast(static_x, static_t, ehs).sample
-        assert fast.history[-1] == "FS"
-
-        latents = torch.randn(2, 4, 8, 8, device=device)
-        ref_latents = latents.clone()
-        timesteps = scheduler.timesteps
-        for i, t in enumerate(timesteps):
-            static_x.copy_(latents)
-            static_t.copy_(t)
-            if fast.is_full_step(i, len(timesteps)):
-                g_full.replay()
-                eps = out_full.clone()
-            else:
-                g_shallow.replay()
-                eps = out_shallow.clone()
-            expected = reference(ref_latents, t, ehs).sample
-            assert ((eps - expected).norm() / expected.norm()).item() < 1e-4, f"step {i}"
-            latents = ref_latents = scheduler.step(expected, t, ref_latents).prev_sample
-        assert reference.history[-1] == "FSSFSSFSSF"
+        graphs = dcfx.cuda_graphs(fast, static_x, static_t, ehs)
+        assert graphs.capture
+        for generation in range(2):
+            latents = torch.randn(2, 4, 8, 8, device=device, generator=torch.Generator(device).manual_seed(generation))
+            ref_latents = latents.clone()
+            reference.begin(10)
+            for i, t in enumerate(scheduler.timesteps):
+                static_x.copy_(latents)
+                static_t.copy_(t)
+                eps = graphs.step(i, 10).sample.clone()
+                expected = reference(ref_latents, t, ehs).sample
+                assert ((eps - expected).norm() / expected.norm()).item() < 1e-4, f"step {i}"
+                latents = ref_latents = scheduler.step(expected, t, ref_latents).prev_sample
+            assert graphs.history == reference.history[-1]
+        assert "S" in graphs.history
 
 
 @pytest.mark.cuda
 @needs_cuda
-def test_cuda_graph_replay_by_schedule():
-    _capture_and_replay(compile=False)
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_cuda_graph_replay_by_policy(policy):
+    _capture_and_replay(compile=False, options=POLICIES[policy])
 
 
 @pytest.mark.cuda
 @pytest.mark.compile
 @needs_cuda
-def test_cuda_graph_replay_by_schedule_compiled():
-    _capture_and_replay(compile=True)
+@pytest.mark.parametrize("policy", ["uniform", "cut"])
+def test_cuda_graph_replay_by_policy_compiled(policy):
+    _capture_and_replay(compile=True, options=POLICIES[policy])

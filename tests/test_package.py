@@ -169,7 +169,7 @@ def test_another_signature_is_refused(loaded, packaged, pipeline_call):
                                          r"this call has sample float32\[1, 4, 8, 8\]"):
         loaded(args[0][:1], *args[1:], **{**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"][:1]})
     with pytest.raises(ValueError, match="this call has .*cross_attention_kwargs"):
-        loaded(*args, **{**kwargs, "cross_attention_kwargs": {"scale": 0.5}})
+        loaded(*args, **{**kwargs, "cross_attention_kwargs": {"strength": 0.5}})
     with pytest.raises(ValueError, match="compiled for cpu and runs only there"):
         load_package(packaged, device="meta")
 

@@ -122,7 +122,7 @@ def install(pipe, mode, monkeypatch, **options):
     def no_reads(call):
         raise AssertionError("dcfx.enable read a timestep")
 
-    monkeypatch.setattr(DeepCacheUNet, "_host_timestep", staticmethod(no_reads))
+    monkeypatch.setattr(dcfx.runtime.steps, "host_timestep", no_reads)
     return dcfx.enable(pipe, **options)
 
 

@@ -41,7 +41,7 @@ def no_host_reads(monkeypatch):
     def refuse(call):
         raise AssertionError("read a timestep on the host")
 
-    monkeypatch.setattr(DeepCacheUNet, "_host_timestep", staticmethod(refuse))
+    monkeypatch.setattr(dcfx.runtime.steps, "host_timestep", refuse)
 
 
 def cfg_loop(unet, scheduler, latents, uncond, cond, split: bool, rescale: bool = False) -> list[torch.Tensor]:
@@ -274,7 +274,8 @@ def test_moving_away_and_back_reuses_captures_and_cache_buffers(monkeypatch):
         with torch.no_grad():
             outs = [fast(x.to(dtype), t, encoder_hidden_states=e.to(dtype)).sample for t in (900, 700, 500, 300)]
         (entry,) = fast._entries.values()
-        return outs, [b.data_ptr() for b in entry.cache]
+        (slot,) = fast._slots(entry)
+        return outs, [b.data_ptr() for b in slot.buffers]
 
     before, ptrs = generation(torch.float32)
     assert (len(exports), len(compiles)) == (1, 2)

@@ -18,6 +18,14 @@ Out, for branch b:
 Both keep the input graph's placeholders in order (unused ones included), so the runtime
 calls them with the same tensors; neither mutates the input graph, and both share its
 weights (no copies).
+
+`split_head` cuts once more, for policies that decide after seeing the step (adaptive
+gating): the *head* is what a shallow step computes without the cached feature (the time
+embedding, the down path to `s_b`, ...), returning the tensors the rest of the network reads
+from it (the *boundary*, `s_b` among them); the *rest* is the full graph with the boundary as
+inputs (head + rest = full, no node computed twice), the *tail* the shallow graph with the
+boundary as inputs (head + tail = shallow). Rest and tail keep the full/shallow conventions
+(cache output and cache input last), so the fuse pass applies to them unchanged.
 """
 
 from __future__ import annotations
@@ -94,6 +102,85 @@ def split(gm: fx.GraphModule, branch: int) -> SplitGraphs:
         )
     cut = skips[branch]
     return SplitGraphs(_full_graph(gm, cut.hidden), _shallow_graph(gm, cut), branch, len(skips))
+
+
+BOUNDARY_INPUT = "head_"  # prefix of the rest/tail placeholders that take the head's outputs
+
+
+@dataclass
+class HeadSplit:
+    """Result of `split_head`: head(*inputs) -> boundary; rest(*inputs, *boundary) -> outputs
+    + cached feature; tail(*inputs, *boundary, cached) -> outputs."""
+
+    head: fx.GraphModule
+    rest: fx.GraphModule
+    tail: fx.GraphModule
+    branch: int
+    num_boundary: int
+    skip_index: int  # which boundary output is s_b, the fresh feature at the cut
+
+
+def split_head(gm: fx.GraphModule, branch: int) -> HeadSplit:
+    """Split a captured U-Net graph at `branch` into head, rest and tail (module docstring)."""
+    graphs = split(gm, branch)
+    cut = find_skips(gm.graph)[branch]
+    cache = next(n for n in graphs.shallow.graph.nodes if n.op == "placeholder" and n.name == CACHE_INPUT)
+    on_cache = _descendants(cache)
+    head = {
+        n.name for n in graphs.shallow.graph.nodes
+        if n.op not in ("placeholder", "output") and n not in on_cache
+    }
+    # The head's outputs: its nodes read outside it (weights are re-read, not passed).
+    boundary = [
+        n for n in gm.graph.nodes
+        if n.name in head and n.op != "get_attr" and any(u.name not in head for u in n.users)
+    ]
+    names = [n.name for n in boundary]
+    if cut.skip.name not in names:
+        raise AssertionError(f"the skip tensor {cut.skip.name} is not among the head's outputs")
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    graph.graph_copy(gm.graph, env)
+    graph.output(tuple(env[n] for n in boundary))
+    head_gm = finish_graph(gm, graph)
+    rest = _with_boundary_inputs(graphs.full, names, before=None)
+    rest.meta[CACHED_OUTPUTS] = graphs.full.meta[CACHED_OUTPUTS]
+    tail = _with_boundary_inputs(graphs.shallow, names, before=CACHE_INPUT)
+    return HeadSplit(head_gm, rest, tail, branch, len(boundary), names.index(cut.skip.name))
+
+
+def _with_boundary_inputs(gm: fx.GraphModule, names: list[str], before: str | None) -> fx.GraphModule:
+    """A copy of `gm` whose nodes called `names` are placeholders (inserted after the
+    original placeholders, or before placeholder `before`), their producers dropped."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    nodes = {n.name: n for n in graph.nodes}
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    anchor = next((p for p in placeholders if p.name == before), None)
+    inserted: list[fx.Node] = []
+    for name in names:
+        node = nodes[name]  # every boundary node is in both the full and the shallow graph
+        if anchor is not None:
+            ctx = graph.inserting_before(anchor)
+        else:
+            ctx = graph.inserting_after(inserted[-1] if inserted else placeholders[-1])
+        with ctx:
+            new = graph.placeholder(BOUNDARY_INPUT + name)
+        new.meta = {k: v for k, v in node.meta.items() if k in ("val", "tensor_meta")}
+        node.replace_all_uses_with(new)  # the producers become dead code
+        inserted.append(new)
+    return finish_graph(gm, graph)
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    seen, stack = set(), [node]
+    while stack:
+        for u in stack.pop().users:
+            if u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return seen
 
 
 def _full_graph(gm: fx.GraphModule, hidden: fx.Node) -> fx.GraphModule:

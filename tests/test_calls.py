@@ -1,0 +1,328 @@
+"""Every way users call a U-Net: caches keyed by conditioning, per-step floats as graph inputs,
+module state changed mid-generation, model-state options with the fused cut, timesteps as the
+model class converts them, interleaved generations. Each against an independent reference:
+DeepCache by hand (a hook per conditioning) or the plain U-Net."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from _tiny_unet import CROSS_DIM, LATENT, TOKENS, ManualDeepCache, tiny_unet, uniform
+from diffusers import DDIMScheduler, UNet2DModel
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+import dcfx
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_unet(seed=2)
+
+
+def conds(seed=0, n=2):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, TOKENS, CROSS_DIM, generator=g) for _ in range(n)]
+
+
+def noise(seed=0, batch=1):
+    return torch.randn(batch, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(seed))
+
+
+def timesteps(n=9):
+    s = DDIMScheduler(num_train_timesteps=1000)
+    s.set_timesteps(n)
+    return s.timesteps
+
+
+class Oracles:
+    """One hand-written DeepCache per conditioning (its own cache, whatever the call order)."""
+
+    def __init__(self, unet, branch=0):
+        self.unet, self.branch, self.by_cond = unet, branch, {}
+
+    def __call__(self, mode, x, t, cond, **kwargs):
+        oracle = self.by_cond.setdefault(id(cond), ManualDeepCache(self.unet, self.branch))
+        return oracle(mode, x, t, encoder_hidden_states=cond, **kwargs).sample
+
+
+# -- 1. separate guidance calls, then the uncond call dropped ---------------------------------
+
+
+@pytest.mark.parametrize("mode", ["auto", "begin_fresh_timesteps"])
+def test_guidance_cutoff_reads_each_conditionings_own_cache(unet, mode):
+    uncond, cond = conds()
+    fast = dcfx.optimize(unet, interval=3, branch=0)
+    oracles = Oracles(unet)
+    pattern = uniform(9, 3)
+    if mode != "auto":
+        fast.begin(9)
+    x = noise()
+    for i, t in enumerate(timesteps()):
+        step_t = torch.tensor(int(t)) if mode != "auto" else t  # a new timestep tensor per call
+        with torch.no_grad():
+            if i < 5:
+                u = fast(x, step_t, uncond).sample
+                expected_u = oracles(pattern[i], x, t, uncond)
+                torch.testing.assert_close(u, expected_u, **TOL)
+            step_t = torch.tensor(int(t)) if mode != "auto" else t
+            c = fast(x, step_t, cond).sample  # from step 5 on, only the cond call (a cutoff)
+        torch.testing.assert_close(c, oracles(pattern[i], x, t, cond), **TOL)
+        x = x - 0.1 * c
+    assert fast.history == (pattern,)
+
+
+# -- 2. floats that change every step are graph inputs -----------------------------------------
+
+
+class Strength(AttnProcessor2_0):
+    """An attention processor scaled by a per-call float from cross_attention_kwargs."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, strength=1.0):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb) * self.factor(strength)
+
+    @staticmethod
+    def factor(strength):
+        return strength
+
+
+class Branching(Strength):
+    """The same, but deciding on the float in Python (so it cannot be a graph input)."""
+
+    @staticmethod
+    def factor(strength):
+        return 0.5 if strength < 0.5 else 1.0
+
+
+def count_exports(monkeypatch) -> list:
+    exports = []
+    real = torch.export.export
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: exports.append(1) or real(*a, **k))
+    return exports
+
+
+def test_a_float_schedule_costs_one_export(monkeypatch):
+    unet = tiny_unet(seed=3)
+    unet.set_attn_processor(Strength())
+    exports = count_exports(monkeypatch)
+    (cond,) = conds(n=1)
+    fast = dcfx.optimize(unet, interval=3)
+    oracle = ManualDeepCache(unet, 0)
+    x = noise()
+    for i, t in enumerate(timesteps()):
+        kwargs = {"cross_attention_kwargs": {"strength": 1.0 - 0.05 * i, "scale": 0.9}}  # a LoRA scale too
+        with torch.no_grad():
+            out = fast(x, t, cond, **kwargs).sample
+        torch.testing.assert_close(out, oracle(uniform(9, 3)[i], x, t, encoder_hidden_states=cond, **kwargs).sample, **TOL)
+        x = x - 0.1 * out
+    assert fast.history == (uniform(9, 3),) and len(exports) == 1
+
+
+def test_a_float_the_unet_branches_on_is_bounded_then_plain(monkeypatch):
+    unet = tiny_unet(seed=3)
+    unet.set_attn_processor(Branching())
+    exports = count_exports(monkeypatch)
+    (cond,) = conds(n=1)
+    fast = dcfx.optimize(unet, interval=3)
+    x = noise()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, t in enumerate(timesteps()):
+            kwargs = {"cross_attention_kwargs": {"strength": 0.1 * i}}
+            with torch.no_grad():
+                out = fast(x, t, cond, **kwargs).sample
+                plain = unet(x, t, cond, **kwargs).sample
+            if i == 0 or i >= 4:  # step 0 is full; from the 5th export on the plain U-Net runs
+                torch.testing.assert_close(out, plain, rtol=0, atol=0)
+            x = x - 0.1 * out
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "cross_attention_kwargs.strength" in messages[0], messages
+    assert len(exports) == 1 + 4  # the lifted try, then four per-value exports
+    assert fast.spent.plain_steps == 5
+
+
+# -- 3. every model-state option, with the fused cut -----------------------------------------
+
+
+OPTIONS = {
+    "freeu": lambda u: u.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4),
+    "fused_qkv": lambda u: u.fuse_qkv_projections(),
+    "attn_processor": lambda u: u.set_attn_processor(AttnProcessor()),
+    "attention_slice": lambda u: u.set_attention_slice(1),
+}
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("branch", [0, 2])
+def test_model_state_options_with_the_fused_cut(option, branch):
+    unet = tiny_unet(seed=5)
+    (cond,) = conds(n=1)
+    fast = dcfx.optimize(unet, interval=3, branch=branch)
+    x = noise(batch=1)
+    with torch.no_grad():
+        for t in timesteps(3):
+            fast(x, t, cond)  # a first generation without the option
+        OPTIONS[option](unet)
+        oracle = ManualDeepCache(unet, branch)
+        pattern = uniform(9, 3)
+        for i, t in enumerate(timesteps()):
+            out = fast(x, t, cond).sample
+            torch.testing.assert_close(out, oracle(pattern[i], x, t, encoder_hidden_states=cond).sample, **TOL)
+            x = x - 0.1 * out
+    assert fast.history[-1] == pattern
+    (entry,) = fast._entries.values()
+    assert entry.shallow.graph.meta.get("dcfx_fused", 0) == 1
+
+
+# -- 4. state changed between steps ----------------------------------------------------------
+
+
+def test_a_state_change_mid_generation_takes_effect_at_that_step():
+    unet = tiny_unet(seed=6)
+    (cond,) = conds(n=1)
+    fast = dcfx.optimize(unet, interval=4)
+    fast.begin(9)
+    x0 = noise()
+    outs, x = [], x0.clone()
+    with torch.no_grad():
+        for i, t in enumerate(timesteps()):
+            if i == 2:
+                unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)  # a step-end callback's change
+            if i == 6:
+                unet.disable_freeu()
+            out = fast(x, t, cond).sample
+            outs.append(out)
+            x = x - 0.1 * out
+    unet.disable_freeu()
+    # By hand: the changed steps recompute fully, shallow steps reuse the state's own cache.
+    pattern = "FSFSFSFSF"  # interval 4, plus the changed steps 2 and 6
+    assert fast.history == (pattern,)
+    oracle, x = ManualDeepCache(unet, 0), x0.clone()
+    with torch.no_grad():
+        for i, t in enumerate(timesteps()):
+            if i == 2:
+                unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+            if i == 6:
+                unet.disable_freeu()
+            expected = oracle(pattern[i], x, t, encoder_hidden_states=cond).sample
+            torch.testing.assert_close(outs[i], expected, **TOL)
+            x = x - 0.1 * expected
+
+
+def test_an_attention_processor_scale_set_by_a_callback():
+    # IP-Adapter keeps its scale on its attention processors (set_ip_adapter_scale writes it
+    # there); a step-end callback that sets it changes what the U-Net computes at once.
+    unet = tiny_unet(seed=6)
+    processor = _Scaled(0.5)
+    unet.set_attn_processor(processor)
+    (cond,) = conds(n=1)
+    fast = dcfx.optimize(unet, interval=3)
+    x0 = noise()
+    outs, x = [], x0.clone()
+    with torch.no_grad():
+        for i, t in enumerate(timesteps(6)):
+            if i == 1:
+                processor.scale = 0.0
+            outs.append(fast(x, t, cond).sample)
+            x = x - 0.1 * outs[-1]
+    pattern = "FFSFSS"  # interval 3, plus the changed step 1
+    assert fast.history == (pattern,)
+    processor.scale = 0.5
+    oracle, x = ManualDeepCache(unet, 0), x0.clone()
+    with torch.no_grad():
+        for i, t in enumerate(timesteps(6)):
+            if i == 1:
+                processor.scale = 0.0
+            expected = oracle(pattern[i], x, t, encoder_hidden_states=cond).sample
+            torch.testing.assert_close(outs[i], expected, **TOL)
+            x = x - 0.1 * expected
+
+
+class _Scaled(AttnProcessor2_0):
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb) * (1 + self.scale)
+
+
+# -- 5. timesteps as each model class converts them ---------------------------------------------
+
+
+@pytest.mark.parametrize("timestep", [500.7, np.float64(500.7), np.float32(500.7), 500, np.int64(500)])
+def test_unet2dmodel_numeric_timesteps_equal_the_plain_model(timestep):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        unet = UNet2DModel(
+            sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
+            down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        ).eval()
+    x = torch.randn(1, 3, 8, 8)
+    fast = dcfx.optimize(unet, interval=1)
+    # diffusers' own conversion (torch.tensor([t], dtype=long)) takes Python numbers only.
+    plain_t = float(timestep) if isinstance(timestep, np.floating) else int(timestep) if isinstance(timestep, np.integer) else timestep
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, timestep).sample, unet(x, plain_t).sample, rtol=0, atol=0)
+
+
+def test_unet2dcondition_fractional_timestep_equals_the_plain_model(unet):
+    (cond,) = conds(n=1)
+    x = noise()
+    fast = dcfx.optimize(unet, interval=1)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, 500.7, cond).sample, unet(x, 500.7, cond).sample, rtol=0, atol=0)
+
+
+# -- 6. two generations interleaved on one U-Net -----------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["auto", "begin"])
+def test_interleaved_generations_each_see_their_own_last_full_step(unet, mode):
+    a, b = conds(seed=4)
+    fast = dcfx.optimize(unet, interval=3)
+    oracles = Oracles(unet)
+    xs = {"a": noise(1), "b": noise(2)}
+    ts = timesteps()
+    pattern = uniform(len(ts), 3)
+    if mode == "begin":
+        fast.begin(len(ts))  # A's generation
+    with torch.no_grad():
+        for i, t in enumerate(ts):
+            for name, cond in (("a", a), ("b", b)):
+                if mode == "begin" and i == 0 and name == "b":
+                    fast.begin(len(ts))  # B's generation starts at its first call
+                out = fast(xs[name], t, cond).sample
+                torch.testing.assert_close(out, oracles(pattern[i], xs[name], t, cond), **TOL)
+                xs[name] = xs[name] - 0.1 * out
+    assert fast.history == (pattern, pattern)
+
+
+# -- 2b. a LoRA scale schedule (PEFT adapters) -------------------------------------------------
+
+
+def test_a_lora_scale_schedule_costs_one_export(monkeypatch):
+    peft = pytest.importorskip("peft")
+    unet = tiny_unet(seed=7)
+    unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                     init_lora_weights=False))
+    exports = count_exports(monkeypatch)
+    (cond,) = conds(n=1)
+    fast = dcfx.optimize(unet, interval=3)
+    oracle = ManualDeepCache(unet, 0)
+    x = noise()
+    scales = [1.0 - 0.1 * i for i in range(9)]
+    for i, t in enumerate(timesteps()):
+        kwargs = {"cross_attention_kwargs": {"scale": scales[i]}}
+        with torch.no_grad():
+            out = fast(x, t, cond, **kwargs).sample
+            if i == 1:  # the scale does change the output (the check can fail)
+                assert (unet(x, t, cond, **kwargs).sample - unet(x, t, cond).sample).abs().max() > 1e-3
+        torch.testing.assert_close(out, oracle(uniform(9, 3)[i], x, t, encoder_hidden_states=cond, **kwargs).sample, **TOL)
+        x = x - 0.1 * out
+    assert fast.history == (uniform(9, 3),) and len(exports) == 1
+    assert all(m.scaling == {"default": 1.0} for m in unet.modules() if isinstance(getattr(m, "scaling", None), dict))
