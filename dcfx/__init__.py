@@ -12,7 +12,7 @@ optionally compiles both graphs (compile) and runs one of them per step (runtime
 from .api import disable, enable, optimize
 from .config import DeepCacheConfig
 from .inspection import DeepCacheGraphs
-from .package import load_package, package
+from .aot import load_package, package
 from .report import Report, report
 from .runtime import DeepCacheUNet
 from .schedule import nonuniform_full_steps

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.utils._pytree as pytree
 from torch import fx
 
+from ._torch_private import pytree
 from .capture import UNET_PREFIX, module_path
 from .passes.split import find_skips
 
@@ -212,9 +212,14 @@ def operator_count(graph: fx.Graph) -> int:
     return sum(1 for n in graph.nodes if n.op == "call_function")
 
 
+# The class of an operator overload such as `torch.ops.aten.add.Tensor` (reached through
+# public names; torch exports no name for it).
+_OP_OVERLOAD = type(torch.ops.aten.add.Tensor)
+
+
 def _op_name(node: fx.Node) -> str:
     target = node.target
-    return str(target) if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
+    return str(target) if isinstance(target, _OP_OVERLOAD) else getattr(target, "__name__", str(target))
 
 
 def _consumer(feature: fx.Node) -> str:
