@@ -48,11 +48,23 @@ class DeepCacheGraphs:
         """Where the U-Net is cut, in its own module names (see `Cut`)."""
         return _describe_cut(self)
 
-    def write(self, directory: str | Path) -> list[Path]:
+    def write(self, directory: str | Path, overwrite: bool = False) -> list[Path]:
         """Write `full.py` and `shallow.py` (each graph's code, marked with the U-Net module
         every stretch of it comes from) and `cut.txt` (`str(self.cut)`) into `directory`,
-        created if needed; existing files of those names are replaced. Returns the paths."""
+        created if needed. Returns the paths.
+
+        An existing folder must be empty: with anything in it (an earlier `write` too) this
+        raises FileExistsError and writes nothing, unless `overwrite=True`, which replaces
+        files of those names and leaves other files alone.
+        """
         out = Path(directory)
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"{out} is a file, not a folder")
+        if not overwrite and out.is_dir() and any(out.iterdir()):
+            raise FileExistsError(
+                f"{out} is not empty: write into a new or empty folder, or pass overwrite=True "
+                f"to replace its full.py, shallow.py and cut.txt"
+            )
         out.mkdir(parents=True, exist_ok=True)
         cached = ", ".join(c.name for c in self.cut.cached)
         texts = {
