@@ -41,6 +41,7 @@ from torch import fx, nn
 
 from . import _torch_private as _private
 from .config import DeepCacheConfig
+from .passes.fuse import inductor_ops
 
 
 class _SharedExclusiveLock:
@@ -248,7 +249,8 @@ class LazyGraph:
     Safe to call from several threads: runs share `TRACING`, a compiling first call holds it
     alone. Each compiler compiles its own copy of the GraphModule (same nodes, same weights):
     dynamo keeps compiled code per code object, so two compilers of one graph would count as
-    recompiles of each other.
+    recompiles of each other. On CUDA that copy calls the cut ops' triton_op twins
+    (`passes.fuse.inductor_ops`), whose Triton kernels inductor sees.
     """
 
     def __init__(self, graph: fx.GraphModule, name: str):
@@ -270,6 +272,8 @@ class LazyGraph:
             if hit is not None:  # another thread compiled it while this one waited
                 return hit[1](*args)
             copied = _copy(self.graph)
+            if any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
+                inductor_ops(copied)  # inductor launches the cut's Triton kernels itself
             fn = compiler.compile(copied)
             if fn is copied:  # torch.compile did nothing: dynamo is disabled (TORCHDYNAMO_DISABLE=1)
                 self._compiled[compiler.key] = (compiler, self.graph)
