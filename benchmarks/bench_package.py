@@ -18,7 +18,7 @@ generation (interpreter start, imports, model, compile or load, generation), in 
 - mega:      `compile=True` on another empty cache folder after
              `torch.compiler.load_cache_artifacts(<cold's artifacts>)`
 - package:   `dcfx.package(...)` on an empty cache folder (one-off; not a generation)
-- load:      `dcfx.package.load_package(...)` on an empty cache folder, no U-Net built
+- load:      `dcfx.load_package(...)` on an empty cache folder, no U-Net built
 
 The table gives each phase, the second generation (steady state) and the largest absolute
 difference of the final latents from uncompiled dcfx and from cold `compile=True`.
@@ -73,7 +73,7 @@ def _child(args: argparse.Namespace) -> None:
 
     import dcfx
     from dcfx.example import build_unet
-    from dcfx.package import load_package, package
+    from dcfx.aot import load_package, package
 
     work = Path(args.work)
     variant = args.child

@@ -552,13 +552,21 @@ def markdown(head: list[str], fields: list[dict[str, Any]], device: torch.device
 
 
 def default_output(args: argparse.Namespace, device: torch.device, suffix: str) -> Path:
+    """benchmarks/results/unet_<settings><suffix>. A run with other columns or other compile
+    settings than the full default run gets a name of its own (the variants it ran, the
+    compile mode or options), so it never replaces a full table."""
     model = Path(args.model).stem if args.model else args.arch
     name = (
         f"unet_{model}_{device.type}_{args.dtype}_{args.resolution}x{args.resolution}_b{args.batch}_"
         f"{args.steps}steps_N{args.interval}_b{'-'.join(map(str, args.branch))}_{args.schedule}"
-        f"{f'_adaptive-{args.adaptive}' if args.adaptive else ''}{f'_forecast{args.forecast}' if args.forecast else ''}{suffix}"
+        f"{f'_adaptive-{args.adaptive}' if args.adaptive else ''}{f'_forecast{args.forecast}' if args.forecast else ''}"
     )
-    return Path(__file__).parent / "results" / name
+    if args.variants_given:
+        name += "_" + "+".join(args.variants)
+    if args.compile_mode:
+        name += f"_mode={args.compile_mode}"
+    name += "".join(f"_{key}={value}" for key, value in sorted(args.compile_options.items()))
+    return Path(__file__).parent / "results" / (name + suffix)
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -604,8 +612,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--csv", type=Path, help="default: benchmarks/results/unet_<settings>.csv")
-    p.add_argument("--md", type=Path, help="default: benchmarks/results/unet_<settings>.md")
+    p.add_argument("--csv", type=Path, help="default: benchmarks/results/unet_<settings>.csv, where the settings "
+                   "name --variants and the compile mode or options when given")
+    p.add_argument("--md", type=Path, help="default: benchmarks/results/unet_<settings>.md (as --csv)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
@@ -622,6 +631,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--branch must be >= 0, got {args.branch}")
     if args.compile_mode and args.compile_options:
         p.error("torch.compile takes either --compile-mode or --compile-options, not both")
+    args.variants_given = args.variants is not None
     variants = args.variants or default_variants(device, args.schedule)
     bad = [v for v in variants if v in CUDA_ONLY and device.type != "cuda"]
     if bad:

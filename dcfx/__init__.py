@@ -13,7 +13,7 @@ from .api import cuda_graphs, disable, enable, optimize
 from .calibrate import calibrate
 from .config import Calibration, DeepCacheConfig
 from .inspection import DeepCacheGraphs
-from .package import load_package, package
+from .aot import load_package, package
 from .report import Report, report
 from .runtime import DeepCacheUNet
 from .runtime.spent import Spent

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import types
+import sys
 import weakref
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
+from . import _torch_private as _private
 from . import compile as _compile
 from .calibrate import check_model, check_scheduler
 from .capture import CallBinder
@@ -30,7 +32,11 @@ def optimize(unet: nn.Module, config: DeepCacheConfig | None = None, **options: 
     plain U-Net it wraps, with its torch.compile settings applied to the full and the shallow
     graph (they replace the config's compile settings); `dcfx.disable` gives the compiled
     module back. Compiling afterwards works the same: `torch.compile(fast, ...)` or
-    `fast.compile(...)`.
+    `fast.compile(...)`. Disabled compiling compiles nothing, also with `compile=True`:
+    `unet.compile(disable=True)`, `torch.compiler.disable(unet)`, `TORCHDYNAMO_DISABLE=1`.
+
+    `pipe.unet = dcfx.optimize(pipe.unet)` keeps a diffusers pipeline saveable: its
+    `save_pretrained` saves the plain U-Net, which `from_pretrained` loads back.
 
     >>> import dcfx, torch
     >>> from diffusers import UNet2DModel
@@ -59,11 +65,14 @@ def optimize(unet: nn.Module, config: DeepCacheConfig | None = None, **options: 
     if not isinstance(unet, nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module U-Net, got {type(unet).__name__}")
     given = unet
-    unet, compiler = _compile.of_module(unet)
+    unet, has_setting, compiler = _compile.of_module(unet)
     not_a_unet = CallBinder(unet).not_a_unet
     if not_a_unet:
         raise TypeError(not_a_unet)
+    if has_setting:  # the module's compile setting (also "disabled") replaces the config's
+        config = _compile.with_compiler(config, compiler)
     check_model(config, unet)
+    _save_plain_unets()
     fast = DeepCacheUNet(unet, config, compiler)  # compiler None: the config's settings
     fast.__dict__["_dc_given"] = given  # not a submodule: `unet` already registers its weights
     return fast
@@ -102,8 +111,8 @@ def enable(pipe: Any, config: DeepCacheConfig | None = None, **options: Any) -> 
     `pipe.scheduler` was replaced (the new one is hooked for the next generation), falls back
     to automatic boundaries. The scheduler keeps its class for `isinstance`, copies and
     pickles as a plain scheduler. A diffusers pipeline's config keeps recording the plain
-    U-Net, and `pipe.save_pretrained` saves the plain U-Net, so `from_pretrained` loads what
-    was saved. `disable(pipe)` undoes it all.
+    U-Net, and `pipe.save_pretrained` saves the plain U-Net (as for any dcfx U-Net, see
+    `optimize`), so `from_pretrained` loads what was saved. `disable(pipe)` undoes it all.
 
     `pipe.unet = torch.compile(pipe.unet, ...)` before or after `enable` compiles the full and
     the shallow graph with those settings (see `optimize`).
@@ -129,31 +138,26 @@ def disable(pipe: Any) -> nn.Module:
             base = getattr(type(scheduler), "_dcfx_base", None)
             if base is not None:
                 scheduler.__class__ = base
-    attributes = getattr(pipe, "__dict__", {})
-    if getattr(attributes.get("save_pretrained"), "__func__", None) is _save_pretrained:
-        del attributes["save_pretrained"]
     fast = _deepcache_unet(pipe.unet)
     if fast is not None:
-        if _registered_class(pipe) == DeepCacheUNet.__name__:
-            pipe.unet = fast.given  # assigned by hand: diffusers records the plain one again
-        else:
-            _set_unet(pipe, fast.given)
+        _restore(pipe, "unet", fast)
     return pipe.unet
 
 
 def _deepcache_unet(module: Any) -> DeepCacheUNet | None:
     """`module` if it is a DeepCacheUNet, or the one a torch.compile wrapper holds."""
-    if isinstance(module, _compile.OptimizedModule):
-        module = module._orig_mod
+    module = _private.unwrap_compiled(module)
     return module if isinstance(module, DeepCacheUNet) else None
 
 
-# -- the pipeline's config and save_pretrained while enabled ----------------------------------
+# -- the pipeline's config, and saving ---------------------------------------------------------
 #
 # A diffusers pipeline records each component's (library, class) in its config when it is
-# assigned. Recorded as DeepCacheUNet, the U-Net could not be saved (save_pretrained warns and
-# writes "unet": [null, null]) nor loaded. So `enable` swaps the module without touching the
-# record, and saving swaps the plain U-Net in for the duration of the save.
+# assigned, and `save_pretrained` saves each component by its class. Recorded as
+# DeepCacheUNet, the U-Net could be neither saved nor loaded: diffusers warns, writes
+# "unet": [null, null] and keeps that record for every later save. So `enable` swaps the
+# module without touching the record, and while dcfx is imported every pipeline's
+# `save_pretrained` saves the plain module in dcfx's place, however it was assigned.
 
 
 def _uses_config_record(pipe: Any) -> bool:
@@ -162,36 +166,73 @@ def _uses_config_record(pipe: Any) -> bool:
     return isinstance(config, Mapping) and "unet" in config and not isinstance(pipe, nn.Module)
 
 
-def _registered_class(pipe: Any) -> str | None:
-    entry = pipe.config.get("unet") if _uses_config_record(pipe) else None
+def _registered_class(pipe: Any, name: str = "unet") -> str | None:
+    entry = pipe.config.get(name) if _uses_config_record(pipe) else None
     return entry[1] if isinstance(entry, (tuple, list)) and len(entry) == 2 else None
 
 
 def _set_unet(pipe: Any, unet: nn.Module) -> None:
-    if not _uses_config_record(pipe):
+    if _uses_config_record(pipe):
+        object.__setattr__(pipe, "unet", unet)  # past DiffusionPipeline.__setattr__'s config record
+    else:
         pipe.unet = unet
-        return
-    object.__setattr__(pipe, "unet", unet)  # past DiffusionPipeline.__setattr__'s config record
-    if isinstance(unet, DeepCacheUNet) and callable(getattr(type(pipe), "save_pretrained", None)):
-        pipe.__dict__["save_pretrained"] = types.MethodType(_save_pretrained, pipe)
 
 
-def _save_pretrained(self: Any, *args: Any, **kwargs: Any) -> Any:
-    """The pipeline's own `save_pretrained`, with dcfx's U-Net replaced by the plain one."""
-    current = self.__dict__.get("unet")
-    fast = _deepcache_unet(current)
-    if fast is None:
-        return type(self).save_pretrained(self, *args, **kwargs)
-    # Assigned normally, so the config records the plain U-Net again even if a wrapper around
-    # dcfx's U-Net (`pipe.unet = torch.compile(pipe.unet)`) was recorded since `enable`.
-    setattr(self, "unet", fast.given)
+def _restore(pipe: Any, name: str, fast: DeepCacheUNet) -> None:
+    """Put the module `fast` was given back as `pipe.<name>`, recorded in the pipeline's
+    config as that module (a record diffusers made of dcfx's module is replaced)."""
+    if _uses_config_record(pipe) and _registered_class(pipe, name) != type(fast.unet).__name__:
+        pipe.register_modules(**{name: fast.given})  # diffusers' own record of the plain module
+    elif name == "unet":
+        _set_unet(pipe, fast.given)
+    else:
+        object.__setattr__(pipe, name, fast.given)
+
+
+@contextlib.contextmanager
+def _plain_components(pipe: Any) -> Iterator[None]:
+    """Within: `pipe`'s dcfx modules replaced by the modules they were given, and recorded as
+    those; after: dcfx's modules back, the records kept (so later saves stay right)."""
+    swapped = {}
+    for name in list(getattr(pipe, "config", {})):
+        value = pipe.__dict__.get(name) if not name.startswith("_") else None
+        fast = _deepcache_unet(value)
+        if fast is None:
+            continue
+        if hasattr(fast.unet, "_dcfx_preload"):
+            raise TypeError(
+                f"pipe.{name} runs an AOT package (dcfx.load_package), which holds no U-Net to save; "
+                f"save the pipeline with its U-Net before loading the package into it"
+            )
+        swapped[name] = value
     try:
-        return type(self).save_pretrained(self, *args, **kwargs)
+        for name, value in swapped.items():
+            _restore(pipe, name, _deepcache_unet(value))
+        yield
     finally:
-        object.__setattr__(self, "unet", current)
+        for name, value in swapped.items():
+            object.__setattr__(pipe, name, value)
 
 
-_save_pretrained.__name__ = "save_pretrained"  # a copied or pickled pipeline finds its own
+def _save_plain_unets() -> None:
+    """Make diffusers' `DiffusionPipeline.save_pretrained` save the plain module in place of
+    any dcfx module (once per process; only when diffusers is imported already, so dcfx
+    never imports it: no pipeline can hold dcfx's module before it is)."""
+    if "diffusers" not in sys.modules:
+        return
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+
+    original = DiffusionPipeline.save_pretrained
+    if getattr(original, "_dcfx_saves_plain", False):
+        return
+
+    @functools.wraps(original)
+    def save_pretrained(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with _plain_components(self):
+            return original(self, *args, **kwargs)
+
+    save_pretrained._dcfx_saves_plain = True
+    DiffusionPipeline.save_pretrained = save_pretrained
 
 
 class _Listener:

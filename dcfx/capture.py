@@ -26,9 +26,10 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 
+from . import _torch_private as _private
+from ._torch_private import pytree
 from .passes.functional import remove_mutations
 
 UNET_PREFIX = "unet."  # the adapter holds the U-Net as `unet`: module paths start so
@@ -355,16 +356,18 @@ def capture(unet: nn.Module, call: Call) -> Capture:
         export_error.add_note("dcfx captures the U-Net with torch.export; the plain U-Net runs this call")
         raise
     _replay(held)
-    gm = ep.module()
+    exported = ep.module()
+    # A plain GraphModule over the same graph, weights and submodules, without the input
+    # checks export registers as forward hooks: the signature key already pins what they check.
+    gm = torch.fx.GraphModule(exported, exported.graph, class_name=type(exported).__name__)
+    gm.meta.update(exported.meta)
     # Flat positional inputs and a flat output tuple: the runtime owns the pytree handling,
     # and the passes may append inputs/outputs.
-    gm.graph._codegen = torch.fx.graph.CodeGen()
+    gm.graph.set_codegen(torch.fx.graph.CodeGen())
     # Export's dtype/device assertions are side effects that would keep the deep path alive
-    # in the shallow graph; the signature key already pins what they check.
-    for node in list(gm.graph.find_nodes(op="call_function", target=torch.ops.aten._assert_tensor_metadata.default)):
+    # in the shallow graph; the signature key pins what they check too.
+    for node in list(gm.graph.find_nodes(op="call_function", target=_private.export_assert_op())):
         gm.graph.erase_node(node)
-    for hook_dict in (gm._forward_pre_hooks, gm._forward_hooks):
-        hook_dict.clear()
     gm.recompile()
     remove_mutations(gm)  # export keeps in-place writes (FreeU's): the passes need none
     return Capture(gm, ep.call_spec.out_spec)

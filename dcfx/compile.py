@@ -5,6 +5,14 @@ A `Compiler` is one torch.compile setting (backend, mode, options). It comes fro
 (`unet.compile(...)`, `torch.compile(unet)`), or, per call, from a `torch.compile` wrapped
 around the DeepCacheUNet: in every case the full and the shallow graph are what gets compiled
 (fullgraph, static shapes: one capture per input signature), never the per-step host logic.
+Which setting a call uses is decided per call from the calling thread's own stack (a wrapper
+there, else the module's own setting), so threads running under different wrappers never
+take each other's.
+
+Disabled means nothing is compiled: `compile(disable=True)` (on the U-Net before `optimize`,
+or on the DeepCacheUNet), `torch.compiler.disable(...)` around either, and
+`TORCHDYNAMO_DISABLE=1` (torch.compile then returns its argument unchanged, which is how dcfx
+sees it) all run the graphs uncompiled, whatever the config says.
 
 Each graph is compiled lazily, at its first call with a given compiler, so a generation that
 never takes a shallow step never compiles the shallow graph; the time of that first call is
@@ -20,31 +28,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import threading
 import time
 import warnings
 from dataclasses import dataclass
-from sys import _getframe
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import fx, nn
 
-# torch's own classes for its compile wrappers (private; present in torch 2.11-2.13).
-from torch._dynamo.eval_frame import DisableContext as _DisableContext
-from torch._dynamo.eval_frame import OptimizedModule
-from torch._dynamo.eval_frame import _TorchDynamoContext as _DynamoContext
-
+from . import _torch_private as _private
 from .config import DeepCacheConfig
-
-try:
-    from torch._dynamo.eval_frame import _is_in_optimized_module as _in_optimized_module
-except ImportError:  # a torch without the flag: walk the frames on every call
-
-    def _in_optimized_module() -> bool:
-        return True
-
+from .passes.fuse import inductor_ops
 
 
 class _SharedExclusiveLock:
@@ -159,7 +156,8 @@ _COMPILE_SIGNATURE = inspect.signature(torch.compile)
 
 
 def from_arguments(args: tuple, kwargs: dict, source: str) -> Compiler | None:
-    """The graphs' compiler for `module.compile(*args, **kwargs)` (torch.compile's keywords).
+    """The graphs' compiler for `module.compile(*args, **kwargs)` (torch.compile's keywords);
+    None when that compile is disabled (`disable=True`, or `TORCHDYNAMO_DISABLE=1`).
 
     fullgraph and dynamic are not used: the graphs are always compiled whole, with static
     shapes. Bad settings fail here, as torch.compile would fail, not at the first call.
@@ -173,7 +171,9 @@ def from_arguments(args: tuple, kwargs: dict, source: str) -> Compiler | None:
         return None
     backend = named.get("backend") or "inductor"
     mode, options = named.get("mode"), named.get("options")
-    torch.compile(_validate, backend=backend, mode=mode, options=options)  # raises on bad settings
+    # Raises on bad settings; returns its argument unchanged when dynamo is disabled.
+    if torch.compile(_validate, backend=backend, mode=mode, options=options) is _validate:
+        return None
     return Compiler(backend, mode, dict(options) if options else None, source)
 
 
@@ -181,63 +181,65 @@ def _validate() -> None:
     """Compiled only to let torch.compile check a backend, mode and options; never called."""
 
 
-def of_dynamo_context(context: Any, source: str) -> Compiler | None:
-    """The compiler of a torch.compile wrapper's dynamo context (None: compile disabled)."""
-    callback = getattr(context, "callback", None)
-    if callback is None or callback is False or isinstance(context, _DisableContext):
-        return None
-    backend = callback
-    while hasattr(backend, "_torchdynamo_orig_backend"):  # unwrap dynamo's frame converters
-        backend = backend._torchdynamo_orig_backend
-    return Compiler(backend, None, None, source)
+def _from_backend(backend: Any, source: str) -> Compiler | None:
+    return None if backend is None else Compiler(backend, None, None, source)
 
 
-def of_module(module: nn.Module) -> tuple[nn.Module, Compiler | None]:
-    """(the plain module, its torch.compile setting or None) for a module given to
-    `optimize`: `torch.compile(unet)` (an OptimizedModule) or `unet.compile()`."""
-    if isinstance(module, OptimizedModule):
-        return module._orig_mod, of_dynamo_context(module.dynamo_ctx, "torch.compile(unet) before dcfx.optimize")
-    compiled = getattr(module, "_compiled_call_impl", None)
-    if compiled is None:
-        return module, None
+def of_module(module: nn.Module) -> tuple[nn.Module, bool, Compiler | None]:
+    """For a module given to `optimize`: (the plain module, whether it carries a
+    torch.compile setting, that setting's compiler or None when it compiles nothing).
+
+    Carrying a setting: a torch.compile wrapper (`torch.compile(unet)`,
+    `torch.compiler.disable(unet)`) or a module compiled in place (`unet.compile(...)`,
+    also with `disable=True` or under `TORCHDYNAMO_DISABLE=1`).
+    """
+    plain = _private.unwrap_compiled(module)
+    if plain is not module:
+        return plain, True, _from_backend(_private.wrapper_backend(module), "torch.compile(unet) before dcfx.optimize")
+    backend = _private.in_place_compile_backend(module)
+    if backend is _private.NOT_COMPILED:
+        return module, False, None
     source = "unet.compile() before dcfx.optimize"
-    for cell in getattr(compiled, "__closure__", None) or ():
-        try:
-            value = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-        if isinstance(value, _DynamoContext):
-            return module, of_dynamo_context(value, source)
-    warnings.warn(
-        f"dcfx could not read the torch.compile settings of {type(module).__name__}.compile(); "
-        "the full and the shallow graph are compiled with torch.compile's defaults",
-        stacklevel=3,
-    )
-    return module, Compiler(source=source)
+    if backend is _private.UNREADABLE:
+        warnings.warn(
+            f"dcfx could not read the torch.compile settings of {type(module).__name__}.compile() "
+            f"(torch {torch.__version__}); the full and the shallow graph are compiled with "
+            "torch.compile's defaults",
+            stacklevel=3,
+        )
+        return module, True, Compiler(source=source)
+    return module, True, _from_backend(backend, source)
+
+
+def with_compiler(config: DeepCacheConfig, compiler: Compiler | None) -> DeepCacheConfig:
+    """`config` with its compile fields saying what `compiler` does: off for None, inductor's
+    mode and options for an inductor compiler named by string; other backends are not
+    config fields, so those leave it as it is."""
+    if compiler is None:
+        return dataclasses.replace(config, compile=False, compile_mode=None, compile_options={})
+    if isinstance(compiler.backend, str) and compiler.backend == "inductor":
+        return dataclasses.replace(
+            config, compile=True, compile_mode=compiler.mode, compile_options=compiler.options or {}
+        )
+    return config
 
 
 def outer(cache: Any) -> tuple[bool, Compiler | None]:
-    """Whether the calling module runs inside a torch.compile'd module (an OptimizedModule
-    around it, or around a model that calls it), and the nearest such module's compiler.
+    """Whether this call runs inside a torch.compile wrapper (one around the calling module,
+    or around a model that calls it), and the innermost such wrapper's compiler (None: it
+    compiles nothing, e.g. `torch.compiler.disable`).
 
-    The wrapper is the `self` of one of the calling frames: found by walking up the Python
-    frames, only while torch says an OptimizedModule call is running. `cache` (weak keys)
-    keeps each wrapper's compiler.
+    Decided from the calling thread's own stack, so threads (and calls) that run under
+    different wrappers, or under none, each get their own answer. `cache` (weak keys) keeps
+    each wrapper's compiler.
     """
-    if not _in_optimized_module():
+    wrapper = _private.enclosing_compile_wrapper()
+    if wrapper is None:
         return False, None
-    frame = _getframe(2)
-    for _ in range(24):
-        if frame is None:
-            break
-        owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
-        if isinstance(owner, OptimizedModule):
-            hit = cache.get(owner)
-            if hit is None:
-                hit = cache[owner] = (of_dynamo_context(owner.dynamo_ctx, "torch.compile(dcfx.optimize(unet))"),)
-            return True, hit[0]
-        frame = frame.f_back
-    return False, None
+    hit = cache.get(wrapper)
+    if hit is None:
+        hit = cache[wrapper] = (_from_backend(_private.wrapper_backend(wrapper), "torch.compile(dcfx.optimize(unet))"),)
+    return True, hit[0]
 
 
 class LazyGraph:
@@ -247,7 +249,8 @@ class LazyGraph:
     Safe to call from several threads: runs share `TRACING`, a compiling first call holds it
     alone. Each compiler compiles its own copy of the GraphModule (same nodes, same weights):
     dynamo keeps compiled code per code object, so two compilers of one graph would count as
-    recompiles of each other.
+    recompiles of each other. On CUDA that copy calls the cut ops' triton_op twins
+    (`passes.fuse.inductor_ops`), whose Triton kernels inductor sees.
     """
 
     def __init__(self, graph: fx.GraphModule, name: str):
@@ -268,7 +271,13 @@ class LazyGraph:
             hit = self._compiled.get(compiler.key)
             if hit is not None:  # another thread compiled it while this one waited
                 return hit[1](*args)
-            fn = compiler.compile(_copy(self.graph))
+            copied = _copy(self.graph)
+            if any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
+                inductor_ops(copied)  # inductor launches the cut's Triton kernels itself
+            fn = compiler.compile(copied)
+            if fn is copied:  # torch.compile did nothing: dynamo is disabled (TORCHDYNAMO_DISABLE=1)
+                self._compiled[compiler.key] = (compiler, self.graph)
+                return self.graph(*args)
             start = time.perf_counter()
             try:
                 out = fn(*args)

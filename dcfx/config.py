@@ -45,10 +45,11 @@ class DeepCacheConfig:
             (inductor, fullgraph, static shapes), once per input signature.
         compile_mode: torch.compile mode, e.g. "max-autotune-no-cudagraphs", or
             "reduce-overhead" for inductor's CUDA graphs. Exclusive with compile_options.
-        compile_options: inductor options passed through to torch.compile (`options=`).
-            `{"freezing": True}` folds the weights into the compiled graphs: they are
-            copied/prepacked, so memory grows and later in-place weight changes (LoRA
-            fusion) are not seen.
+        compile_options: inductor options passed through to torch.compile (`options=`), any
+            mapping; kept as a read-only, hashable `CompileOptions` that compares equal to a
+            dict of the same items. `{"freezing": True}` folds the weights into the compiled
+            graphs: they are copied/prepacked, so memory grows and later in-place weight
+            changes (LoRA fusion) are not seen.
         fuse_cut: True to replace the shallow graph's concatenation at the cut by the fused
             cat + GroupNorm + SiLU op (Triton on CUDA). The environment variable
             `DCFX_DISABLE_FUSION=1` turns this off regardless.
@@ -79,7 +80,7 @@ class DeepCacheConfig:
     power: float = 1.4
     compile: bool = False
     compile_mode: str | None = None
-    compile_options: Mapping[str, Any] = field(default_factory=dict)
+    compile_options: Mapping[str, Any] = field(default_factory=dict)  # stored as CompileOptions
     fuse_cut: bool = True
     adaptive: str | None = None
     threshold: float | None = None
@@ -167,7 +168,7 @@ class DeepCacheConfig:
                 "torch.compile takes either compile_mode or compile_options, not both: put the "
                 "mode's settings into compile_options or drop them"
             )
-        object.__setattr__(self, "compile_options", dict(self.compile_options))
+        object.__setattr__(self, "compile_options", CompileOptions(self.compile_options))
         self._check_policy()
 
     def _check_policy(self) -> None:
@@ -222,6 +223,61 @@ class Calibration:
     def __post_init__(self) -> None:
         object.__setattr__(self, "rescale", tuple(float(c) for c in self.rescale))
         object.__setattr__(self, "correlations", tuple((str(n), float(v)) for n, v in self.correlations))
+
+
+
+class CompileOptions(Mapping[str, Any]):
+    """A read-only mapping of inductor options, hashable so that a `DeepCacheConfig` is.
+
+    Equal to any mapping with the same items (`== {"freezing": True}` holds), shown like a
+    dict. Values that are lists, sets or dicts are hashed by their contents.
+    """
+
+    __slots__ = ("_items", "_hash")
+
+    def __init__(self, options: Mapping[str, Any] = ()):
+        self._items = dict(options)
+        self._hash: int | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Mapping):
+            return self._items == dict(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash(_frozen(self._items))
+        return self._hash
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self._items,))
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable stand-in for an option value, equal for equal values."""
+    if isinstance(value, Mapping):
+        return frozenset((k, _frozen(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, (set, frozenset)):
+        return frozenset(_frozen(v) for v in value)
+    try:
+        hash(value)
+    except TypeError:
+        return (type(value).__name__, repr(value))
+    return value
 
 
 def integer(name: str, value: Any, minimum: int, meaning: str = "", kind: str = "an integer") -> int:

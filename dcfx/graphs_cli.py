@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> str:
     call_args, kwargs, _ = example_call(unet, args, resolution, meta, dtype)
     fast = optimize(unet, DeepCacheConfig(branch=args.branch, fuse_cut=not args.no_fuse))
     graphs = fast.graphs(*call_args, **kwargs)
-    paths = graphs.write(args.out)
+    paths = graphs.write(args.out, overwrite=True)  # check_out refused what dcfx did not write
     text = (
         f"dcfx graphs: {name}, latent {resolution}x{resolution}, {args.dtype}\n"
         f"input signature: {graphs.signature}\n\n{graphs.cut}\n\n"

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch import fx
 
+from ._torch_private import pytree
 from .capture import UNET_PREFIX, describe_signature, module_path
 from .compile import LazyGraph
 from .passes.split import CACHE_INPUT, find_skips
@@ -54,11 +54,23 @@ class DeepCacheGraphs:
         """Where the U-Net is cut, in its own module names (see `Cut`)."""
         return _describe_cut(self)
 
-    def write(self, directory: str | Path) -> list[Path]:
+    def write(self, directory: str | Path, overwrite: bool = False) -> list[Path]:
         """Write `full.py` and `shallow.py` (each graph's code, marked with the U-Net module
         every stretch of it comes from) and `cut.txt` (`str(self.cut)`) into `directory`,
-        created if needed; existing files of those names are replaced. Returns the paths."""
+        created if needed. Returns the paths.
+
+        An existing folder must be empty: with anything in it (an earlier `write` too) this
+        raises FileExistsError and writes nothing, unless `overwrite=True`, which replaces
+        files of those names and leaves other files alone.
+        """
         out = Path(directory)
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"{out} is a file, not a folder")
+        if not overwrite and out.is_dir() and any(out.iterdir()):
+            raise FileExistsError(
+                f"{out} is not empty: write into a new or empty folder, or pass overwrite=True "
+                f"to replace its full.py, shallow.py and cut.txt"
+            )
         out.mkdir(parents=True, exist_ok=True)
         cached = ", ".join(c.name for c in self.cut.cached)
         texts = {
@@ -257,9 +269,14 @@ def operator_count(graph: fx.Graph) -> int:
     return sum(1 for n in graph.nodes if n.op == "call_function")
 
 
+# The class of an operator overload such as `torch.ops.aten.add.Tensor` (reached through
+# public names; torch exports no name for it).
+_OP_OVERLOAD = type(torch.ops.aten.add.Tensor)
+
+
 def _op_name(node: fx.Node) -> str:
     target = node.target
-    return str(target) if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
+    return str(target) if isinstance(target, _OP_OVERLOAD) else getattr(target, "__name__", str(target))
 
 
 def _consumer(feature: fx.Node) -> str:

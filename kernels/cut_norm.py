@@ -48,6 +48,7 @@ import functools
 import math
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -667,8 +668,14 @@ def _plan_for(cached, skip, num_groups, with_stats):
     )
 
 
-def _launch_cut(plan, cached, skip, weight, bias, num_groups, eps, cached_stats):
-    """Run the planned kernels (inputs already checked)."""
+def _as_is(kernel):
+    return kernel
+
+
+def _launch_cut(plan, cached, skip, weight, bias, num_groups, eps, cached_stats, wrap=_as_is, workspace=None):
+    """Run the planned kernels (inputs already checked). `wrap` is applied to each kernel
+    before its launch (`wrap_triton` inside a triton_op); `workspace(numel, device)` gives the
+    statistics workspace (default: the reused one)."""
     n, c1, h, w = cached.shape
     channels, hw = c1 + skip.shape[1], h * w
     cpg = channels // num_groups
@@ -677,7 +684,7 @@ def _launch_cut(plan, cached, skip, weight, bias, num_groups, eps, cached_stats)
         return out
     weight, bias = weight.contiguous(), bias.contiguous()
     if plan.single_pass:
-        _cut_single_pass_kernel[(n * plan.group_blocks,)](
+        wrap(_cut_single_pass_kernel)[(n * plan.group_blocks,)](
             cached, skip, weight, bias, out,
             c1, channels, hw, cpg, plan.group_blocks, plan.k, eps, *plan.strides,
             CHANNEL_ALIGN=plan.channel_align, BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw, KP=plan.kp,
@@ -685,8 +692,8 @@ def _launch_cut(plan, cached, skip, weight, bias, num_groups, eps, cached_stats)
         )
         return out
     gw = num_groups - plan.g_first
-    stats = _workspace(n * gw * STATS_FIELDS * plan.hw_splits, cached.device)
-    _cut_stats_kernel[(n * plan.stats_group_blocks, plan.hw_splits)](
+    stats = (workspace or _workspace)(n * gw * STATS_FIELDS * plan.hw_splits, cached.device)
+    wrap(_cut_stats_kernel)[(n * plan.stats_group_blocks, plan.hw_splits)](
         cached, skip, stats,
         c1, plan.c_lo, channels, hw, cpg, plan.g_first, gw, plan.stats_group_blocks, plan.k, plan.hw_per_split,
         *plan.strides[:6],
@@ -694,7 +701,7 @@ def _launch_cut(plan, cached, skip, weight, bias, num_groups, eps, cached_stats)
         num_warps=plan.num_warps,
     )
     has_cached = cached_stats is not None
-    _cut_apply_kernel[(n * plan.group_blocks, plan.channel_chunks, plan.hw_blocks)](
+    wrap(_cut_apply_kernel)[(n * plan.group_blocks, plan.channel_chunks, plan.hw_blocks)](
         cached, skip, weight, bias, stats, cached_stats if has_cached else stats, out,
         c1, channels, hw, cpg, num_groups, plan.group_blocks, plan.k, plan.g_first, gw, plan.hw_splits,
         plan.g1, eps, *plan.strides,
@@ -741,6 +748,11 @@ def group_partial_stats_triton(x, group_size):
     """fp32 [N, ceil(C / group_size), 3]: (count, mean, M2) of each run of group_size channels of x."""
     _check_stats_input(x, group_size)
     _triton_ready(x, "group_partial_stats_triton")
+    return _launch_stats(x, group_size)
+
+
+def _launch_stats(x, group_size, wrap=_as_is):
+    """`group_partial_stats` of x (checked, ready for Triton); `wrap` as for `_launch_cut`."""
     n, c, h, w = x.shape
     hw, groups = h * w, -(-c // group_size)
     if x.numel() == 0 or _max_offset(x.shape, x.stride()) >= 2**31:
@@ -754,7 +766,7 @@ def group_partial_stats_triton(x, group_size):
     group_blocks = -(-groups // k)
     out = torch.empty((n, groups, STATS_FIELDS), dtype=torch.float32, device=x.device)
     stride_hw = _hw_stride(x.shape, x.stride())
-    _cut_stats_kernel[(n * group_blocks, 1)](
+    wrap(_cut_stats_kernel)[(n * group_blocks, 1)](
         x, x, out,
         c, 0, c, hw, group_size, 0, groups, group_blocks, k, hw,
         x.stride(0), x.stride(1), stride_hw, x.stride(0), x.stride(1), stride_hw,
@@ -846,6 +858,11 @@ def _cat_group_norm_silu_op(cached, skip, weight, bias, num_groups, eps, cached_
 
 @_cat_group_norm_silu_op.register_kernel("cuda")
 def _cat_group_norm_silu_cuda(cached, skip, weight, bias, num_groups, eps, cached_stats=None):
+    return _cut_on_device(cached, skip, weight, bias, num_groups, eps, cached_stats)
+
+
+def _cut_on_device(cached, skip, weight, bias, num_groups, eps, cached_stats, wrap=_as_is, workspace=None):
+    """The ops' CUDA path: Triton kernels (launched through `wrap`), or the reference."""
     _check_inputs(cached, skip, weight, bias, num_groups, cached_stats)
     if triton is None or _triton_disabled() or cached.dtype not in _SUPPORTED_DTYPES:
         return cat_group_norm_silu_reference(cached, skip, weight, bias, num_groups, eps, cached_stats)
@@ -857,7 +874,7 @@ def _cat_group_norm_silu_cuda(cached, skip, weight, bias, num_groups, eps, cache
     plan = _plan_for(cached, skip, num_groups, cached_stats is not None)
     if plan.fallback:
         return cat_group_norm_silu_reference(cached, skip, weight, bias, num_groups, eps, cached_stats)
-    return _launch_cut(plan, cached, skip, weight, bias, num_groups, eps, cached_stats)
+    return _launch_cut(plan, cached, skip, weight, bias, num_groups, eps, cached_stats, wrap, workspace)
 
 
 @_cat_group_norm_silu_op.register_fake
@@ -901,18 +918,72 @@ def _group_partial_stats_op(x, group_size):
 
 @_group_partial_stats_op.register_kernel("cuda")
 def _group_partial_stats_cuda(x, group_size):
+    return _stats_on_device(x, group_size)
+
+
+def _stats_on_device(x, group_size, wrap=_as_is):
     _check_stats_input(x, group_size)
     if triton is None or _triton_disabled() or x.dtype not in _SUPPORTED_DTYPES:
         return group_partial_stats_reference(x, group_size)
     if _hw_stride(x.shape, x.stride()) is None:
         x = x.contiguous()
-    return group_partial_stats_triton(x, group_size)
+    return _launch_stats(x, group_size, wrap)
 
 
 @_group_partial_stats_op.register_fake
 def _group_partial_stats_fake(x, group_size):
     _check_stats_input(x, group_size)
     return x.new_empty((x.shape[0], -(-x.shape[1] // group_size), STATS_FIELDS), dtype=_stats_dtype(x.dtype))
+
+
+# ---- the same ops for inductor on CUDA (torch.library.triton_op) ---------------------------
+#
+# The custom ops above are opaque to inductor: a compiled graph calls them, and through them
+# the Triton launchers, from Python. These twins run the same kernels through `wrap_triton`,
+# so inductor sees each kernel and launches it from its own generated code. dcfx puts them
+# into CUDA graphs it compiles (`inductor_ops`); CPU graphs keep the custom ops, and on other
+# devices the twins run the reference, which never touches Triton (inductor traces that
+# branch on a machine without a GPU too). Not run on a GPU yet: tests/test_kernel_cut_norm.py
+# has the CUDA test.
+
+
+def _fresh_workspace(numel, device):
+    # Inside a traced op the workspace must be the op's own allocation.
+    return torch.empty(numel, dtype=torch.float32, device=device)
+
+
+def _visible_cut(
+    cached: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int,
+    eps: float, cached_stats: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    if cached.device.type != "cuda":
+        _check_inputs(cached, skip, weight, bias, num_groups, cached_stats)
+        return cat_group_norm_silu_reference(cached, skip, weight, bias, num_groups, eps, cached_stats)
+    return _cut_on_device(cached, skip, weight, bias, num_groups, eps, cached_stats, _wrap_triton, _fresh_workspace)
+
+
+def _visible_stats(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    if x.device.type != "cuda":
+        _check_stats_input(x, group_size)
+        return group_partial_stats_reference(x, group_size)
+    return _stats_on_device(x, group_size, _wrap_triton)
+
+
+# custom op overload -> its triton_op twin (empty without triton). The twins' schemas are
+# inferred from the annotations above (num_groups a SymInt: dcfx compiles static shapes).
+INDUCTOR_OPS = {}
+if triton is not None:
+    from torch.library import triton_op
+    from torch.library import wrap_triton as _wrap_triton
+
+    triton_op("dcfx::cat_group_norm_silu_inductor", _visible_cut, mutates_args=()).register_autograd(
+        _backward, setup_context=_setup_backward
+    )
+    triton_op("dcfx::group_partial_stats_inductor", _visible_stats, mutates_args=())
+    INDUCTOR_OPS = {
+        torch.ops.dcfx.cat_group_norm_silu.default: torch.ops.dcfx.cat_group_norm_silu_inductor.default,
+        torch.ops.dcfx.group_partial_stats.default: torch.ops.dcfx.group_partial_stats_inductor.default,
+    }
 
 
 def cat_group_norm_silu(cached, skip, weight, bias, num_groups, eps=1e-5, cached_stats=None):

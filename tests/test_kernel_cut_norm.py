@@ -464,3 +464,120 @@ def test_op_gradient_matches_the_reference():
         for shape in ((2, 6, 3, 3), (2, 10, 3, 3), (16,), (16,))
     ]
     assert torch.autograd.gradcheck(lambda *a: cat_group_norm_silu(*a, 4, EPS), args)
+
+
+# ---- the triton_op twins (what dcfx compiles on CUDA) ----
+
+
+def test_inductor_twins_on_cpu_are_the_reference():
+    cached, skip, weight, bias = _make_inputs(2, 5, 7, 4, 4, torch.float32, cached_cl=True)
+    stats = group_partial_stats_reference(cached, 4)
+    for cached_stats in (None, stats):
+        out = torch.ops.dcfx.cat_group_norm_silu_inductor(cached, skip, weight, bias, 3, EPS, cached_stats)
+        expected = cat_group_norm_silu_reference(cached, skip, weight, bias, 3, EPS, cached_stats)
+        assert torch.equal(out, expected) and out.stride() == expected.stride()
+    assert torch.equal(torch.ops.dcfx.group_partial_stats_inductor(cached, 4), stats)
+    torch.library.opcheck(torch.ops.dcfx.cat_group_norm_silu_inductor.default, (cached, skip, weight, bias, 3, EPS))
+    torch.library.opcheck(torch.ops.dcfx.group_partial_stats_inductor.default, (cached, 4))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("with_stats", [False, True])
+@pytest.mark.parametrize(
+    "n, c1, c2, h, w, groups, cached_cl, skip_cl",
+    [
+        (2, 5, 7, 4, 4, 3, False, False),  # single pass, group straddles the two inputs
+        (2, 40, 40, 16, 16, 4, True, False),  # two passes (groups of 5120), mixed layouts
+    ],
+)
+def test_inductor_twin_launches_the_kernels_through_wrap_triton_cpu(n, c1, c2, h, w, groups, cached_cl, skip_cl, with_stats):
+    # The twins' CUDA branch, run eagerly on CPU tensors through the interpreter: the same
+    # plan and kernels as the custom op, launched through wrap_triton, with its own workspace.
+    from torch.library import wrap_triton
+
+    cached, skip, weight, bias = _make_inputs(n, c1, c2, h, w, torch.float32, cached_cl=cached_cl, skip_cl=skip_cl)
+    group_size = (c1 + c2) // groups
+    stats = kernel_module._stats_on_device(cached, group_size, wrap_triton) if with_stats else None
+    if with_stats:
+        assert_close(stats, group_partial_stats_reference(cached, group_size), rtol=1e-5, atol=1e-4)
+    out = kernel_module._cut_on_device(
+        cached, skip, weight, bias, groups, EPS, stats, wrap_triton, kernel_module._fresh_workspace
+    )
+    _assert_matches(out, _expected(cached, skip, weight, bias, groups), 1e-5, 1e-5)
+
+
+def test_inductor_ops_pass_swaps_both_ops():
+    from dcfx.passes.fuse import FUSED_OP, STATS_OP, inductor_ops
+
+    def cut(cached, skip, weight, bias):  # the overloads, as dcfx's graphs hold them
+        stats = STATS_OP(cached, 4)
+        return FUSED_OP(cached, skip, weight, bias, 3, EPS, stats)
+
+    gm = torch.fx.symbolic_trace(cut)
+    args = _make_inputs(2, 5, 7, 4, 4, torch.float32)
+    expected = gm(*args)
+    assert inductor_ops(gm) == 2
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert targets == set(kernel_module.INDUCTOR_OPS.values()) and not targets & {FUSED_OP, STATS_OP}
+    assert torch.equal(gm(*args), expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.compile
+@needs_cuda
+@pytest.mark.parametrize(
+    "n, c1, c2, h, w, groups, with_stats",
+    [
+        (2, 40, 40, 8, 8, 8, False),  # one launch (single pass)
+        (2, 320, 320, 64, 64, 32, True),  # SD1.5 cut: statistics launch + apply launch
+    ],
+)
+@pytest.mark.usefixtures("triton_enabled")
+def test_inductor_compiles_the_twins_kernels_cuda(n, c1, c2, h, w, groups, with_stats):
+    # What torch.compile makes of a CUDA graph after `inductor_ops`: the cut's Triton kernels
+    # launched from inductor's own code (not the custom op called from Python), same result.
+    from torch._inductor.utils import run_and_get_code
+
+    cached, skip, weight, bias = _make_inputs(n, c1, c2, h, w, torch.float16, "cuda")
+    group_size = (c1 + c2) // groups
+
+    def cut(cached, skip, weight, bias):
+        stats = torch.ops.dcfx.group_partial_stats_inductor(cached, group_size) if with_stats else None
+        return torch.ops.dcfx.cat_group_norm_silu_inductor(cached, skip, weight, bias, groups, EPS, stats)
+
+    torch._dynamo.reset()
+    out, code = run_and_get_code(torch.compile(cut, fullgraph=True, dynamic=False), cached, skip, weight, bias)
+    code = "\n".join(code)
+    assert "_cut_" in code, "inductor's code launches no _cut_* kernel"
+    assert "torch.ops.dcfx" not in code, "inductor still calls a dcfx op from Python"
+    _assert_matches(out, _expected(cached, skip, weight, bias, groups), 2e-3, 1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.compile
+@needs_cuda
+@pytest.mark.usefixtures("triton_enabled")
+def test_compile_true_on_cuda_uses_the_twins_and_matches_eager():
+    import warnings
+
+    from _tiny_unet import tiny_unet
+
+    import dcfx
+
+    unet = tiny_unet(seed=0).cuda()
+    x, e = torch.randn(2, 4, 8, 8, device="cuda"), torch.randn(2, 7, 32, device="cuda")
+    eager, compiled = dcfx.optimize(unet, interval=2), dcfx.optimize(unet, interval=2, compile=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a graph that fails to compile warns
+        for model in (eager, compiled):
+            model.begin(4)
+        for i, t in enumerate((999, 800, 600, 400)):
+            a = eager(x + 0.1 * i, t, encoder_hidden_states=e).sample
+            b = compiled(x + 0.1 * i, t, encoder_hidden_states=e).sample
+            assert_close(b, a, rtol=1e-4, atol=1e-4)
+    assert set(compiled.compile_seconds) == {"full[0]", "shallow[0]"}
+    (entry,) = compiled._entries.values()
+    (_, shallow), = entry.shallow._compiled.values()
+    graph = getattr(shallow, "_orig_mod", shallow)
+    targets = {n.target for n in graph.graph.nodes if n.op == "call_function"}
+    assert torch.ops.dcfx.cat_group_norm_silu_inductor.default in targets

@@ -22,7 +22,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 import dcfx
-from dcfx.package import load_package, package, read_manifest
+from dcfx.aot import load_package, package, read_manifest
 from _tiny_unet import CROSS_DIM, LATENT, TOKENS, tiny_unet, tiny_vae
 
 pytestmark = pytest.mark.compile
@@ -122,7 +122,7 @@ def forbidden(*args, **kwargs):
 torch.export.export = torch.compile = forbidden
 torch.set_num_threads(1)
 from test_package import generate, loop, make_pipe
-from dcfx.package import load_package
+from dcfx.aot import load_package
 
 path, call, out = sys.argv[1:]
 fast = load_package(path)

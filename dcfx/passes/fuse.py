@@ -29,6 +29,10 @@ is the cached feature gets them as a new shallow-graph input (`deepcache_feature
 so a shallow step reads only the skip tensor for statistics.
 
 `DCFX_DISABLE_FUSION=1` in the environment makes `dcfx.optimize` skip this pass.
+
+`inductor_ops(gm)`, applied by dcfx's compile path to a copy of a graph that runs on CUDA,
+swaps both ops for their `torch.library.triton_op` twins (`dcfx::*_inductor`: the same
+kernels, visible to inductor). The graphs this module returns keep the custom ops.
 """
 
 from __future__ import annotations
@@ -118,6 +122,22 @@ def cache_cut_stats(full: fx.GraphModule, shallow: fx.GraphModule) -> tuple[fx.G
     new_full.meta.update(full.meta)
     new_full.meta[CACHED_OUTPUTS] = cached + len(stats)
     return new_full, new_shallow
+
+
+def inductor_ops(gm: fx.GraphModule) -> int:
+    """Swap dcfx's custom ops in `gm` (in place) for their triton_op twins, which run the same
+    Triton kernels where inductor can see them; for graphs on CUDA tensors (on other devices
+    the twins run plain PyTorch). Returns how many nodes changed; none without triton."""
+    changed = 0
+    for node in gm.graph.nodes:
+        twin = cut_norm.INDUCTOR_OPS.get(node.target) if node.op == "call_function" else None
+        if twin is not None:
+            node.target = twin
+            changed += 1
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
 
 
 def _arg(node: fx.Node, index: int, name: str):

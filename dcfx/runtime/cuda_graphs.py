@@ -18,8 +18,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-import torch.utils._pytree as pytree
 
+from .._torch_private import pytree
 from ..capture import FloatsNotLiftable
 from ..policies import latent_change, relative_l1
 from .graphs import Entry

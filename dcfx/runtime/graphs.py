@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 
+from .._torch_private import pytree
 from ..capture import Call, capture, changed_arguments, describe_signature
 from ..compile import TRACING, Compiler, LazyGraph
 from ..config import DeepCacheConfig

@@ -50,6 +50,7 @@ from typing import Any, Callable
 
 import torch
 
+from .._torch_private import tensor_version
 # Generations whose logs `history` keeps (per thread).
 HISTORY_LENGTH = 17  # the current generation and the 16 before it
 # Streams kept per thread (each holds its conditioning tensors and, in slots.py, its caches);
@@ -120,7 +121,7 @@ class Stream:
 
     def same(self, tensors: tuple[torch.Tensor, ...]) -> bool:
         return len(tensors) == len(self.tensors) and all(
-            a is b and _version(a) == v for a, b, v in zip(tensors, self.tensors, self.versions)
+            a is b and tensor_version(a) == v for a, b, v in zip(tensors, self.tensors, self.versions)
         )
 
     def like(self, tensors: tuple[torch.Tensor, ...]) -> bool:
@@ -255,7 +256,7 @@ class StepTracker:
         full = full_first(gen, gen.steps)  # may raise: nothing has changed yet
         if not gen.started:
             me.generations.append(gen)
-        step = Step(gen.steps, gen, timestep, _version(timestep), sample, _version(sample), full)
+        step = Step(gen.steps, gen, timestep, tensor_version(timestep), sample, tensor_version(sample), full)
         gen.steps += 1
         gen.step = step
         return self._join(step, stream, first=True)
@@ -297,7 +298,7 @@ class StepTracker:
                 if stream.same(conditioning):
                     me.streams.move_to_end(key)
                     return stream
-        stream = Stream(key, conditioning, tuple(_version(t) for t in conditioning))
+        stream = Stream(key, conditioning, tuple(tensor_version(t) for t in conditioning))
         me.streams.setdefault(key, []).append(stream)
         me.streams.move_to_end(key)
         while len(me.streams) > MAX_STREAMS:
@@ -373,20 +374,10 @@ def _identity(tensors: tuple[torch.Tensor, ...]) -> tuple:
     return tuple(id(t) for t in tensors)
 
 
-def _version(x: Any) -> int | None:
-    """A tensor's in-place modification counter (host metadata: no device read)."""
-    if not isinstance(x, torch.Tensor):
-        return None
-    try:
-        return x._version
-    except RuntimeError:  # inference tensors have none: only their identity counts
-        return None
-
-
 def _same(x: Any, obj: Any, version: int | None) -> bool:
     """`x` is `obj`, unmodified since `version` was read (tensors), or an equal number."""
     if isinstance(x, torch.Tensor):
-        return x is obj and _version(x) == version
+        return x is obj and tensor_version(x) == version
     if isinstance(x, numbers.Number) and not isinstance(x, bool) and isinstance(obj, numbers.Number):
         return x == obj
     return False

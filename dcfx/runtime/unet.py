@@ -14,10 +14,10 @@ import weakref
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 
 from .. import compile as _compile
+from .._torch_private import profiler_enabled, pytree
 from ..capture import CallBinder, FloatsNotLiftable
 from ..config import DeepCacheConfig
 from ..inspection import DeepCacheGraphs, graphs_of
@@ -297,7 +297,7 @@ class DeepCacheUNet(nn.Module):
 def _range(name: str, cuda: bool) -> contextlib.AbstractContextManager:
     """A profiler range (only while a profiler runs) and, on CUDA, an NVTX range, so traces and
     Nsight timelines say which graph each step ran. Otherwise nothing (a shared no-op)."""
-    if not cuda and not torch.autograd._profiler_enabled():
+    if not cuda and not profiler_enabled():
         return _NO_RANGE
     return _ranges(name, cuda)
 
@@ -308,7 +308,7 @@ _NO_RANGE = contextlib.nullcontext()
 @contextlib.contextmanager
 def _ranges(name: str, cuda: bool) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
-        if torch.autograd._profiler_enabled():
+        if profiler_enabled():
             stack.enter_context(torch.profiler.record_function(name))
         if cuda:
             stack.enter_context(torch.cuda.nvtx.range(name))

@@ -29,9 +29,9 @@ custom ops through its proxy executor, in a process where they exist).
 
 Packages contain native code and pickles: load only packages you trust.
 
-Uses torch's AOTInductor (`torch._inductor.aot_compile`), its PT2 archive packager
-(`torch.export.pt2_archive`) and model loader (`torch._C._aoti.AOTIModelPackageLoader`),
-present in torch 2.11-2.13 (checked on 2.13).
+Uses torch's AOTInductor (`torch._inductor.aot_compile`, as torch documents for several
+models in one package), and its PT2 packager and model loader, which are private: see
+`dcfx._torch_private` (items 4 and 6) for why, and for the versions checked.
 """
 
 from __future__ import annotations
@@ -51,9 +51,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
+from torch.export.pt2_archive.constants import AOTINDUCTOR_DIR, WEIGHTS_DIR
 
+from . import _torch_private as _private
+from ._torch_private import pytree
 from .kernels import cut_norm  # noqa: F401  (registers the dcfx ops that packaged graphs call)
 from .capture import describe_signature
 from .compile import TRACING
@@ -108,14 +110,12 @@ def package(fast: DeepCacheUNet, path: str | os.PathLike, *args: Any, **kwargs: 
             "full": _aot_compile(graphs.full, graphs.inputs, config),
             "shallow": _aot_compile(graphs.shallow, graphs.inputs + cached, config),
         }
-    from torch.export.pt2_archive._package import package_pt2
-
     manifest = _manifest(unet, config, graphs)
     # Written next to `path` under its name (the archive's root folder is named after the
     # file), then moved over it: a failed write leaves no partial package behind.
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
         written = os.path.join(tmp, path.name)
-        package_pt2(written, aoti_files=files, extra_files={_MANIFEST: json.dumps(manifest, indent=1)})
+        _private.package_pt2(written, aoti_files=files, extra_files={_MANIFEST: json.dumps(manifest, indent=1)})
         os.replace(written, path)
     return path
 
@@ -209,7 +209,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _require_weights_on_disk() -> None:
-    if not hasattr(torch._inductor.config.aot_inductor, "package_constants_on_disk_format"):
+    if "aot_inductor.package_constants_on_disk_format" not in torch._inductor.list_options():
         raise RuntimeError(
             f"torch {torch.__version__} lacks AOTInductor's on-disk weights "
             f"(aot_inductor.package_constants_on_disk_format), which dcfx packages use; "
@@ -296,8 +296,9 @@ def _spec_loads(record: dict[str, Any]) -> pytree.TreeSpec:
 
 
 def _jsonable(value: Any) -> Any:
-    """`value` as JSON (as diffusers writes a config: tuples as lists), reprs for the rest."""
-    return json.loads(json.dumps(value, default=repr))
+    """`value` as JSON (as diffusers writes a config: tuples as lists, mappings as objects),
+    reprs for the rest."""
+    return json.loads(json.dumps(value, default=lambda v: dict(v) if isinstance(v, Mapping) else repr(v)))
 
 
 # -- loading ------------------------------------------------------------------------------
@@ -342,10 +343,6 @@ def _load_models(path: Path, device: torch.device) -> dict[str, Callable]:
     is empty (about 10 s here), which is the fresh machine a package is for. The CPU check
     here reads the CPU's features instead.
     """
-    from torch.export.pt2_archive._package import AOTICompiledModel
-    from torch.export.pt2_archive.constants import AOTINDUCTOR_DIR, WEIGHTS_DIR
-
-    loader_class = torch._C._aoti.AOTIModelPackageLoader
     index = device.index if device.index is not None else -1
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
@@ -363,8 +360,8 @@ def _load_models(path: Path, device: torch.device) -> dict[str, Callable]:
     runners = {}
     for name in _MODELS:
         try:
-            _check_machine(loader_class.load_metadata_from_package(str(path), name), path)
-            runner = AOTICompiledModel(loader_class(str(path), name, False, 1, index))
+            _check_machine(_private.aoti_metadata(str(path), name), path)
+            runner = _private.load_aoti_model(str(path), name, index)
             weights = {
                 fqn: stored[file].as_strided(shape, stride, offset)
                 for fqn, (file, shape, stride, offset) in configs[name].items()
@@ -378,24 +375,25 @@ def _load_models(path: Path, device: torch.device) -> dict[str, Callable]:
     return runners
 
 
-# The base vector ISA a CPU package's kernels were compiled for (the first word of AOTI_CPU_ISA)
-# -> the check that this CPU has it. Extras (VNNI, AMX) only warn: inductor's default kernels
-# do not use them.
-_CPU_ISA = {"AVX512": "_is_avx512_supported", "AVX2": "_is_avx2_supported"}
+# The base vector ISAs of CPU packages (the first word of AOTI_CPU_ISA), weakest first, as
+# `torch.backends.cpu.get_cpu_capability()` names what this CPU runs.
+_CPU_ISAS = ("AVX2", "AVX512")
 
 
 def _check_machine(metadata: dict[str, str], path: Path) -> None:
     isa = metadata.get("AOTI_CPU_ISA", "").split()
-    if metadata.get("AOTI_DEVICE_KEY") != "cpu" or not isa:
+    if metadata.get("AOTI_DEVICE_KEY") != "cpu" or not isa or isa[0] not in _CPU_ISAS:
         return
-    check = getattr(torch.cpu, _CPU_ISA.get(isa[0], ""), None)
-    if check is not None and not check():
+    have = torch.backends.cpu.get_cpu_capability()
+    if have not in _CPU_ISAS or _CPU_ISAS.index(have) < _CPU_ISAS.index(isa[0]):
         raise RuntimeError(
-            f"{path} was compiled for CPUs with {isa[0]} and this CPU has {torch.backends.cpu.get_cpu_capability()}: "
-            f"its kernels would stop at an illegal instruction; package the U-Net on this kind of machine"
+            f"{path} was compiled for CPUs with {isa[0]} and this CPU runs {have} "
+            f"(torch.backends.cpu.get_cpu_capability(); the ATEN_CPU_CAPABILITY variable may "
+            f"lower it): its kernels would stop at an illegal instruction; package the U-Net "
+            f"on this kind of machine"
         )
-    extras = {"AVX512_VNNI": "_is_vnni_supported", "AMX_TILE": "_is_amx_tile_supported"}
-    lacking = [x for x in isa[1:] if not getattr(torch.cpu, extras.get(x, ""), lambda: True)()]
+    # Extras (VNNI, AMX) only warn: inductor's default kernels do not use them.
+    lacking = [x for x in isa[1:] if _private.cpu_has(x) is False]
     if lacking:
         warnings.warn(f"{path} was compiled on a CPU with {', '.join(lacking)}, which this CPU lacks", stacklevel=4)
 
