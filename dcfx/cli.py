@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import demo, example, graphs_cli, profile
+from . import demo, example, graphs_cli, profile, serve_cli
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dcfx", description="DeepCache for diffusion U-Nets as a compiled graph pass.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in (("demo", demo), ("example", example), ("profile", profile), ("graphs", graphs_cli)):
+    for name, module in (("demo", demo), ("example", example), ("profile", profile), ("graphs", graphs_cli), ("serve", serve_cli)):
         doc = module.__doc__.split("\n\n")
         sp = sub.add_parser(name, help=doc[0].split(": ", 1)[-1], description="\n\n".join(doc[:2]),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
