@@ -19,3 +19,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def digits_judge():
+    """The digits judge (a scikit-learn MLP, seconds to train): trained once per session, and
+    the same object `dcfx demo` uses in-process (`dcfx.models.quality.judge` is cached)."""
+    from dcfx.models.quality import judge
+
+    return judge()
