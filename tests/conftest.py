@@ -28,3 +28,17 @@ def digits_judge():
     from dcfx.models.quality import judge
 
     return judge()
+
+
+# The files that take longest (an AOTInductor build, an inductor compile, interpreter start-ups
+# per command, the trained model), first: pytest-xdist hands out whole files in collection
+# order (scripts/test.sh: --dist loadfile), so a long file collected last would run alone.
+SLOW_FILES_FIRST = ("test_package.py", "test_compile.py", "test_cli.py", "test_models.py", "test_compile_orders.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return SLOW_FILES_FIRST.index(name) if name in SLOW_FILES_FIRST else len(SLOW_FILES_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file stays
