@@ -40,11 +40,14 @@ if [ "$MODE" = locked ] && [ -n "$locked_python" ] && [ "$python_version" != "$l
     echo "setup.sh: warning: $LOCK was written with Python $locked_python, $VENV has $python_version; some pins may not install" >&2
 fi
 
+# No byte-compiling at install: pip would compile all ~18,000 modules (torch, ray, ...); Python
+# compiles the ones it imports, once, when it first imports them.
+PIP_INSTALL=("$VENV/bin/python" -m pip install -q --no-compile)
 STAMP="$VENV/.dcfx-installed"
 stamp=$( { echo "$MODE torch==$TORCH python $python_version"; cat "$LOCK" pyproject.toml; } | sha256sum | cut -d' ' -f1)
 
 if [ "$MODE" = latest ]; then
-    "$VENV/bin/python" -m pip install -q --upgrade --upgrade-strategy eager "torch==$TORCH" -e ".[test]"
+    "${PIP_INSTALL[@]}" --upgrade --upgrade-strategy eager "torch==$TORCH" -e ".[test]"
 elif [ "$(cat "$STAMP" 2>/dev/null)" != "$stamp" ]; then
     rm -f "$STAMP"
     # torch comes from DCFX_TORCH_VERSION or the lock: leave it out of the constraints, so an
@@ -52,6 +55,6 @@ elif [ "$(cat "$STAMP" 2>/dev/null)" != "$stamp" ]; then
     constraints=$(mktemp)
     trap 'rm -f "$constraints"' EXIT
     grep -v '^torch==' "$LOCK" > "$constraints"
-    "$VENV/bin/python" -m pip install -q -c "$constraints" "torch==$TORCH" -e ".[test]"
+    "${PIP_INSTALL[@]}" -c "$constraints" "torch==$TORCH" -e ".[test]"
 fi
 echo "$stamp" > "$STAMP"
