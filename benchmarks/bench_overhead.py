@@ -10,7 +10,7 @@ only while a profiler runs, and on CUDA an NVTX range. Two measurements, no prof
    next to an always-on `record_function` for comparison; a shallow step enters one range,
    a full step two;
 2. a shallow step with the ranges and with `_range` patched to a no-op, on random-weight
-   SD-shaped U-Nets (`dcfx.example.build_unet`), blocks of the two variants interleaved;
+   SD-shaped U-Nets (`dcfx.models.random_unet`), blocks of the two variants interleaved;
    the median difference and its spread show whether the cost is visible at all next to
    the machine's noise.
 
@@ -28,7 +28,7 @@ import torch
 
 import dcfx
 import dcfx.runtime.unet
-from dcfx.example import build_unet
+from dcfx.models import random_unet
 
 
 def per_call_us(fn, calls: int, repeats: int) -> float:
@@ -62,7 +62,7 @@ def shallow_step_times(size: str, args: argparse.Namespace, device: torch.device
     """Per-block median shallow-step times (s), with the ranges and without, interleaved."""
     torch.manual_seed(0)
     with torch.device(device):
-        unet = build_unet(size)
+        unet = random_unet(size)
     x = torch.randn(args.batch, 4, args.resolution, args.resolution, device=device)
     t = torch.tensor(999, device=device)
     ehs = torch.randn(args.batch, 77, unet.config.cross_attention_dim, device=device)

@@ -4,7 +4,7 @@
                                        [--interval 3] [--branch 0] [--threads 1] [--no-mega]
                                        [--work DIR] [--out table.md]
 
-Random-weight U-Net from `dcfx.example.build_unet(size)` (seed 0), DDIM, `begin(steps)`,
+Random-weight U-Net from `dcfx.models.random_unet(size)` (seed 0), DDIM, `begin(steps)`,
 the U-Net called as `unet(x, t, encoder_hidden_states=..., return_dict=False)`. Each variant
 is a new Python process, timed from just before the parent spawns it to the end of its first
 generation (interpreter start, imports, model, compile or load, generation), in this order:
@@ -72,7 +72,7 @@ def _child(args: argparse.Namespace) -> None:
     from diffusers import DDIMScheduler
 
     import dcfx
-    from dcfx.example import build_unet
+    from dcfx.models import random_unet
     from dcfx.aot import load_package, package
 
     work = Path(args.work)
@@ -87,7 +87,7 @@ def _child(args: argparse.Namespace) -> None:
         width = fast.config.cross_attention_dim
     else:
         torch.manual_seed(0)
-        unet = build_unet(args.size)
+        unet = random_unet(args.size)
         width = unet.config.cross_attention_dim
         fast = dcfx.optimize(
             unet, interval=args.interval, branch=args.branch, compile=variant in ("cold", "warm", "mega")

@@ -68,7 +68,7 @@ from tqdm.auto import tqdm
 
 import dcfx
 import dcfx.policies
-from dcfx.example import build_unet
+from dcfx.models import random_unet
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ARCHS = ("sd15", "sdxl", "tiny", "small", "sdxl-tiny")
@@ -118,7 +118,7 @@ def default_variants(device: torch.device, schedule: str) -> list[str]:
 def build_arch(arch: str) -> UNet2DConditionModel:
     """A random-weight U-Net with the architecture `arch` (one of ARCHS)."""
     if arch not in ("sdxl", "sdxl-tiny"):
-        return build_unet(arch)
+        return random_unet(arch)
     full = arch == "sdxl"
     widths = (320, 640, 1280) if full else (32, 64, 64)
     return UNet2DConditionModel(

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dcfx.demo import Sampler, Setting, evaluate, matched_ddim
+from dcfx.models.compare import Sampler, Setting, evaluate, matched_ddim
 from dcfx.models import digits, load_pipeline
 from dcfx.models.digits import DEFAULT_GUIDANCE_SCALE
 from dcfx.models.quality import judge as make_judge

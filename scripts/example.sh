@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/dcfx example "$@"
+[ "${DCFX_DEPS:-locked}" = latest ] && venv=.venv-latest || venv=.venv
+exec "$venv/bin/dcfx" example "$@"

@@ -19,3 +19,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def digits_judge():
+    """The digits judge (a scikit-learn MLP, seconds to train): trained once per session, and
+    the same object `dcfx demo` uses in-process (`dcfx.models.quality.judge` is cached)."""
+    from dcfx.models.quality import judge
+
+    return judge()
+
+
+# The files that take longest (an AOTInductor build, an inductor compile, interpreter start-ups
+# per command, the trained model), first: pytest-xdist hands out whole files in collection
+# order (scripts/test.sh: --dist loadfile), so a long file collected last would run alone.
+SLOW_FILES_FIRST = ("test_package.py", "test_compile.py", "test_cli.py", "test_models.py", "test_compile_orders.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return SLOW_FILES_FIRST.index(name) if name in SLOW_FILES_FIRST else len(SLOW_FILES_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file stays

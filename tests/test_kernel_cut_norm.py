@@ -14,7 +14,6 @@ import torch
 from torch.testing import assert_close
 
 from dcfx.kernels.cut_norm import (
-    _triton_disabled,
     cat_group_norm_silu,
     cat_group_norm_silu_reference,
     cat_group_norm_silu_triton,
@@ -85,9 +84,14 @@ def _assert_matches(out, expected, rtol, atol):
     assert_close(out, expected, rtol=rtol, atol=atol)
 
 
+# Every shape in fp32 and fp16; bf16 shares their code path (only the rounding differs), so
+# three shapes: groups straddling the inputs, channels_last, SD-like groups of 20.
+INTERPRETED = [(*shape, *dtype) for dtype in DTYPES[:2] for shape in SHAPES]
+INTERPRETED += [(*SHAPES[i], *DTYPES[2]) for i in (1, 3, 6)]
+
+
 @needs_interpreter
-@pytest.mark.parametrize("dtype, rtol, atol", DTYPES)
-@pytest.mark.parametrize("n, c1, c2, h, w, groups, cached_cl, skip_cl", SHAPES)
+@pytest.mark.parametrize("n, c1, c2, h, w, groups, cached_cl, skip_cl, dtype, rtol, atol", INTERPRETED)
 def test_triton_matches_reference_cpu(n, c1, c2, h, w, groups, cached_cl, skip_cl, dtype, rtol, atol):
     cached, skip, weight, bias = _make_inputs(n, c1, c2, h, w, dtype, cached_cl=cached_cl, skip_cl=skip_cl)
     out = cat_group_norm_silu_triton(cached, skip, weight, bias, groups, EPS)
@@ -256,14 +260,21 @@ def test_triton_large_mean_cpu():
     assert_close(out.double(), expected, rtol=1e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("with_stats", [False, True], ids=["stats_in_op", "cached_stats"])
 @pytest.mark.parametrize("cached_cl", [False, True])
-def test_op_cpu_is_reference(cached_cl):
+def test_op_on_cpu_computes_cat_group_norm_silu(cached_cl, with_stats):
+    # The op's CPU path against the definition, in float64 (the op runs fp32): groups straddle
+    # the inputs (C1=5, groups of 4); the output takes cached's memory format.
     cached, skip, weight, bias = _make_inputs(2, 5, 7, 4, 4, torch.float32, cached_cl=cached_cl)
-    out = cat_group_norm_silu(cached, skip, weight, bias, 3, EPS)
-    expected = cat_group_norm_silu_reference(cached, skip, weight, bias, 3, EPS)
-    assert out.stride() == expected.stride()
-    assert torch.equal(out, expected)
-    assert torch.equal(torch.ops.dcfx.cat_group_norm_silu(cached, skip, weight, bias, 3, EPS), expected)
+    stats = group_partial_stats(cached, 4) if with_stats else None
+    x = torch.cat([cached, skip], dim=1).double()
+    expected = torch.nn.functional.silu(torch.nn.functional.group_norm(x, 3, weight.double(), bias.double(), EPS))
+    for out in (
+        cat_group_norm_silu(cached, skip, weight, bias, 3, EPS, stats),
+        torch.ops.dcfx.cat_group_norm_silu(cached, skip, weight, bias, 3, EPS, stats),
+    ):
+        assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last) == cached_cl
+        assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_opcheck_cpu():
@@ -329,11 +340,23 @@ def test_triton_rejects_unsupported(monkeypatch):
         cat_group_norm_silu_triton(cached, skip, weight, bias, 2, EPS)
 
 
-def test_kill_switch_env(monkeypatch):
-    monkeypatch.delenv("DCFX_DISABLE_TRITON", raising=False)
-    assert not _triton_disabled()
-    monkeypatch.setenv("DCFX_DISABLE_TRITON", "1")
-    assert _triton_disabled()
+def test_kill_switch_sends_the_cuda_kernels_to_pytorch(monkeypatch):
+    # The ops' CUDA kernels, called directly on CPU tensors with their Triton launches recorded
+    # instead of run: DCFX_DISABLE_TRITON=1 (read at every call) skips the launches and gives
+    # the plain PyTorch result; anything else launches.
+    launched = []
+    monkeypatch.setattr(kernel_module, "_launch_cut", lambda *args: launched.append("cut"))
+    monkeypatch.setattr(kernel_module, "group_partial_stats_triton", lambda *args: launched.append("stats"))
+    cached, skip, weight, bias = _make_inputs(2, 5, 7, 4, 4, torch.float32)
+    for value, launches in (("0", ["cut", "stats"]), ("1", []), ("", ["cut", "stats"])):
+        monkeypatch.setenv("DCFX_DISABLE_TRITON", value)
+        launched.clear()
+        out = kernel_module._cat_group_norm_silu_cuda(cached, skip, weight, bias, 3, EPS)
+        stats = kernel_module._group_partial_stats_cuda(cached, 4)
+        assert launched == launches, value
+        if not launches:
+            assert torch.equal(out, cat_group_norm_silu_reference(cached, skip, weight, bias, 3, EPS))
+            assert torch.equal(stats, group_partial_stats_reference(cached, 4))
 
 
 def test_import_and_op_without_triton():

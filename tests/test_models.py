@@ -1,14 +1,11 @@
 """The embedded digits model: it loads, it draws the asked digits, and dcfx on it equals the
-reference DeepCache step by step; the demo command and its bad-input paths.
+reference DeepCache step by step. The `dcfx demo` command: test_cli.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
-import subprocess
-import sys
 import types
 
 import pytest
@@ -19,7 +16,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler
 import dcfx
 from dcfx.models import digits, load_pipeline
 from dcfx.models.digits import WEIGHTS_DIR, training_record
-from dcfx.models.quality import judge, psnr
+from dcfx.models.quality import psnr
 
 LABELS = torch.arange(20) % 10
 GUIDANCE = 1.5
@@ -51,11 +48,11 @@ def test_weights_ship_in_the_package_and_are_small():
     assert record["steps"] > 0 and record["seed"] == 0
 
 
-def test_ten_step_samples_are_the_asked_digits(pipe):
+def test_ten_step_samples_are_the_asked_digits(pipe, digits_judge):
     images = _images(pipe)
     assert images.shape == (20, 1, 16, 16) and 0 <= images.min() and images.max() <= 1
-    assert judge().test_accuracy > 0.9  # the judge itself is trustworthy
-    assert judge().accuracy(images, LABELS) >= MIN_ACCURACY
+    assert digits_judge.test_accuracy > 0.9  # the judge itself is trustworthy
+    assert digits_judge.accuracy(images, LABELS) >= MIN_ACCURACY
 
 
 def test_pipeline_is_deterministic_and_takes_other_schedulers(pipe):
@@ -68,7 +65,7 @@ def test_pipeline_is_deterministic_and_takes_other_schedulers(pipe):
     assert len(pil) == 1 and pil[0].size == (16, 16)
 
 
-def test_dcfx_enable_keeps_quality(pipe):
+def test_dcfx_enable_keeps_quality(pipe, digits_judge):
     plain = _images(pipe)
     dcfx.enable(pipe, interval=3, branch=0)
     try:
@@ -79,7 +76,7 @@ def test_dcfx_enable_keeps_quality(pipe):
     assert history[-1] == "FSSFSSFSSF"
     assert (cached - plain).abs().max() > 1e-3  # caching did something
     assert psnr(cached, plain) >= MIN_PSNR_N3
-    assert judge().accuracy(cached, LABELS) >= MIN_ACCURACY
+    assert digits_judge.accuracy(cached, LABELS) >= MIN_ACCURACY
 
 
 def _cfg_steps(unet, scheduler, latents, cond, scale) -> list[torch.Tensor]:
@@ -145,49 +142,3 @@ def test_missing_or_corrupt_weights_say_what_was_expected(tmp_path):
     (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="could not be loaded"):
         load_pipeline(tmp_path / "m")
-
-
-def _dcfx(*args: str, cwd) -> subprocess.CompletedProcess:
-    # One thread, as the in-process tests: spinning OpenMP threads crawl on a loaded machine.
-    threads = ("--threads", "1") if args[0] == "demo" else ()
-    return subprocess.run([sys.executable, "-m", "dcfx", *args, *threads], capture_output=True, text=True, cwd=cwd, timeout=600)
-
-
-def test_demo_prints_the_table_and_writes_the_grid(tmp_path):
-    out = _dcfx("demo", "--samples", "10", "--steps", "6", "--settings", "3:0", "--out", "grid.png", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
-    header = next(line for line in lines if line.startswith("setting"))
-    for column in ("time s", "speedup", "FLOPs", "accuracy", "Fréchet", "PSNR dB"):
-        assert column in header
-    names = [line.split("  ")[0].strip() for line in lines[lines.index(header) + 2 :] if line[:4] in ("DDIM", "dcfx")]
-    assert names == ["DDIM 6", "dcfx N=3 b=0", "DDIM 2"]  # plain, dcfx, its FLOP-matched DDIM
-    from PIL import Image
-
-    with Image.open(tmp_path / "grid.png") as im:
-        assert im.info.get("Software") == "dcfx demo" and im.height >= 3 * 48
-    again = _dcfx("demo", "--samples", "2", "--steps", "2", "--settings", "2:0", "--no-matched", "--out", "grid.png", cwd=tmp_path)
-    assert again.returncode == 0 and "replacing" in again.stdout
-
-
-def test_demo_refuses_foreign_files_and_non_unet_folders(tmp_path):
-    (tmp_path / "mine.png").write_bytes(b"precious")
-    out = _dcfx("demo", "--out", "mine.png", cwd=tmp_path)
-    assert out.returncode == 2 and "--force" in out.stderr and "Traceback" not in out.stderr
-    assert (tmp_path / "mine.png").read_bytes() == b"precious"
-    (tmp_path / "notaunet").mkdir()
-    (tmp_path / "notaunet" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
-    out = _dcfx("demo", "--model", str(tmp_path / "notaunet"), cwd=tmp_path)
-    assert out.returncode == 2 and "not a diffusers U-Net" in out.stderr
-    out = _dcfx("demo", "--settings", "3", cwd=tmp_path)
-    assert out.returncode == 2 and "INTERVAL:BRANCH" in out.stderr
-
-
-def test_demo_runs_a_plain_diffusers_unet_folder(tmp_path):
-    from _tiny_unet import tiny_unet
-
-    tiny_unet().save_pretrained(tmp_path / "unet")
-    out = _dcfx("demo", "--model", str(tmp_path), "--samples", "2", "--steps", "4", "--settings", "2:1",
-                "--no-matched", "--out", "g.png", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert "PSNR dB" in out.stdout and "accuracy" not in out.stdout  # no judge for a foreign model

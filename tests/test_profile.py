@@ -1,10 +1,9 @@
-"""Profiler ranges per step, `DeepCacheUNet.graphs()` and its `cut`, and the `dcfx profile` /
-`dcfx graphs` commands, on tiny U-Nets (no torch.compile)."""
+"""Profiler ranges per step, `DeepCacheUNet.graphs()` and its `cut`, on tiny U-Nets (no
+torch.compile). The `dcfx profile` and `dcfx graphs` commands: test_cli.py."""
 
 from __future__ import annotations
 
 import ast
-import json
 
 import pytest
 import torch
@@ -13,8 +12,6 @@ from _tiny_unet import CROSS_DIM, LATENT, NUM_SKIPS, TOKENS, skip_consumer, tiny
 from torch.profiler import profile, record_function
 
 import dcfx
-from dcfx import profile as profile_cmd
-from dcfx.cli import main
 from dcfx.inspection import WRITTEN_BY
 
 FUSED_OP = "dcfx::cat_group_norm_silu"
@@ -146,68 +143,3 @@ def test_write_readable_graphs(unet, call, tmp_path):
         assert code.startswith(WRITTEN_BY) and "# -- module: conv_in" in code
     assert "torch.ops.dcfx.cat_group_norm_silu" in paths[1].read_text()
     assert str(graphs.cut) in paths[2].read_text()
-
-
-# -- the commands -------------------------------------------------------------------------
-
-TINY = ["--resolution", "8"]
-
-
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    """A pipeline-style folder: the tiny U-Net's config and weights in unet/."""
-    root = tmp_path_factory.mktemp("pipe")
-    tiny_unet().save_pretrained(root / "unet")
-    return root
-
-
-def test_profile_command(model_folder, tmp_path, capsys):
-    trace = tmp_path / "trace.json"
-    assert main(["profile", "--model", str(model_folder), *TINY, "--steps", "4", "--interval", "2",
-                 "--trace", str(trace), "--device", "cpu", "--threads", "1", "--top", "5"]) == 0
-    out = capsys.readouterr().out
-    for text in ("UNet2DConditionModel from", "full steps:", "shallow steps:", f"fused op {FUSED_OP}",
-                 "cache copy dcfx.cache_copy", "shallow/full step time", "in FLOPs", "ui.perfetto.dev"):
-        assert text in out, text
-    data = json.loads(trace.read_text())
-    assert data["otherData"]["producer"] == "dcfx profile" and data["otherData"]["steps"] == "FSFS"
-    names = [e.get("name") for e in data["traceEvents"]]
-    assert names.count("dcfx.full[b0]") == 2 and names.count("dcfx.shallow[b0]") == 2
-    assert names.count("dcfx.cache_copy") == 2 and names.count("step 3") == 1
-    # Its own file may be replaced; a foreign one may not (unless forced).
-    assert "written by an earlier dcfx profile" in profile_cmd.check_trace(trace, force=False)
-    foreign = tmp_path / "notes.json"
-    foreign.write_text('{"mine": 1}')
-    assert main(["profile", "--size", "tiny", *TINY, "--trace", str(foreign)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "was not written by dcfx profile" in err and "--force" in err
-    assert foreign.read_text() == '{"mine": 1}'
-    assert profile_cmd.check_trace(foreign, force=True) == f"overwrote {foreign} (--force)"
-
-
-def test_graphs_command(model_folder, tmp_path, capsys):
-    out = tmp_path / "g"
-    assert main(["graphs", "--size", "tiny", *TINY, "--out", str(out), "--branch", "1"]) == 0
-    printed = capsys.readouterr().out
-    assert "tiny U-Net" in printed and "dcfx cut at branch 1" in printed and "meta" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["cut.txt", "full.py", "shallow.py"]
-    # Its own files are replaced; here with a --model folder (only its config is read).
-    assert main(["graphs", "--model", str(model_folder), *TINY, "--out", str(out), "--no-fuse"]) == 0
-    assert "UNet2DConditionModel from" in capsys.readouterr().out
-    assert "cat_group_norm_silu" not in (out / "shallow.py").read_text()
-    (out / "full.py").write_text("# my notes\n")
-    assert main(["graphs", "--size", "tiny", "--out", str(out)]) == 2
-    assert "full.py exists and was not written by dcfx" in capsys.readouterr().err
-    assert (out / "full.py").read_text() == "# my notes\n"
-
-
-def test_bad_input(tmp_path, capsys):
-    (tmp_path / "empty").mkdir()
-    for command, output in (("profile", "--trace"), ("graphs", "--out")):
-        assert main([command, "--model", str(tmp_path / "empty"), output, str(tmp_path / "o")]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "is not a diffusers U-Net" in err
-    assert main(["profile", "--model", str(tmp_path / "missing"), "--trace", str(tmp_path / "t.json")]) == 2
-    assert "no such folder" in capsys.readouterr().err
-    assert main(["profile", "--steps", "0"]) == 2
-    assert "--steps must be >= 1" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """`dcfx example`: DeepCache end to end on a random-weight U-Net, step by step.
 
-Builds an SD-shaped UNet2DConditionModel (random weights, nothing downloaded), samples with
+Builds an SD-shaped UNet2DConditionModel (`dcfx.models.random_unet`: random weights, nothing
+downloaded), samples with
 DDIM once plainly and once through `dcfx.optimize`, and prints for every step whether it ran
 the full or the shallow graph and how long it took, then the FLOPs of both graphs (from
 `dcfx.report`), the total times and how far the result is from the plain U-Net's.
@@ -12,25 +13,11 @@ import argparse
 import time
 
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler
 
-import dcfx
-
-
-def build_unet(size: str) -> UNet2DConditionModel:
-    """A random-weight SD-shaped U-Net: 'tiny', 'small' or 'sd15' (SD1.5's widths)."""
-    widths = {"tiny": (32, 64, 64), "small": (64, 128, 256), "sd15": (320, 640, 1280, 1280)}[size]
-    n = len(widths)
-    return UNet2DConditionModel(
-        sample_size=32,
-        block_out_channels=widths,
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-        cross_attention_dim=768 if size == "sd15" else widths[0],
-        norm_num_groups=32 if widths[0] >= 64 else 8,
-        attention_head_dim=8,
-    ).eval()
+from .. import DeepCacheConfig, optimize, report
+from ..models.sd_shaped import SIZES, random_unet
+from ._model import parse_device
 
 
 def _sample(unet, scheduler, latents, ehs, steps):
@@ -46,7 +33,7 @@ def _sample(unet, scheduler, latents, ehs, steps):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size", choices=("tiny", "small", "sd15"), default="small", help="U-Net widths")
+    p.add_argument("--size", choices=SIZES, default="small", help="U-Net widths")
     p.add_argument("--resolution", type=int, default=16, help="latent height and width")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--interval", type=int, default=3)
@@ -58,21 +45,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-
+    """Samples plainly and with dcfx, timed; prints the steps, FLOPs and totals."""
+    for name in ("resolution", "steps", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    device = parse_device(args.device)
+    if device.type == "meta":
+        raise ValueError("--device meta computes nothing to time; use cpu or cuda")
+    config = DeepCacheConfig(
+        interval=args.interval, branch=args.branch, schedule=args.schedule, compile=args.compile
+    )
     torch.manual_seed(0)
-    device = torch.device(args.device)
-    unet = build_unet(args.size).to(device)
+    unet = random_unet(args.size).to(device)
     width = unet.config.cross_attention_dim
     latents = torch.randn(1, 4, args.resolution, args.resolution, device=device)
     ehs = torch.randn(2, 77, width, device=device)
-    config = dcfx.DeepCacheConfig(
-        interval=args.interval, branch=args.branch, schedule=args.schedule, compile=args.compile
-    )
-    fast = dcfx.optimize(unet, config)
+    fast = optimize(unet, config)
     scheduler = DDIMScheduler()
 
     with torch.no_grad():
-        print(dcfx.report(fast, latents.repeat(2, 1, 1, 1), 999, ehs, num_steps=args.steps, branches=[args.branch]))
+        print(report(fast, latents.repeat(2, 1, 1, 1), 999, ehs, num_steps=args.steps, branches=[args.branch]))
         fast.begin(args.steps)  # the first generation also captures (and compiles) the graphs
         _sample(fast, scheduler, latents, ehs, args.steps)
         # Alternate plain and dcfx generations and keep each step's best time: this machine

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .api import optimize
-from .config import DeepCacheConfig
-from .inspection import WRITTEN_BY
-from .profile import DTYPES, add_model_arguments, build_model, example_call, native_resolution
+from ..api import optimize
+from ..config import DeepCacheConfig
+from ..inspection import WRITTEN_BY
+from ._model import DTYPES, add_model_arguments, build_model, example_call, native_resolution
 
 FILES = ("full.py", "shallow.py", "cut.txt")
 

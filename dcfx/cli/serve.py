@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> None:
         from ray import serve as ray_serve
     except ImportError:
         raise SystemExit('dcfx serve: error: Ray Serve is not installed; pip install "dcfx[serve]"') from None
-    from . import serve
+    from .. import serve
 
     if args.build_package is not None:
         _build_package(serve, args)

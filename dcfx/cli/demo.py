@@ -11,204 +11,45 @@ takes a local digits folder or any diffusers U-Net folder (a `config.json` of a 
 pipeline folder with `unet/`): then the conditioning is a fixed random embedding, there is
 no guidance, and accuracy and Fréchet distance, which need the digits judge, are left out.
 
-The pieces (`Setting`, `Sampler`, `evaluate`, `matched_ddim`) are shared with
-`benchmarks/fidelity_study.py`.
+Sampling and scoring live in `dcfx.models.compare` (shared with
+`benchmarks/fidelity_study.py`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from .api import disable, enable, optimize
-from .config import DeepCacheConfig
-from .report import report
+from ..models import digits, load_pipeline
+from ..models.compare import Result, Sampler, Setting, evaluate, matched_ddim
+from ..models.digits import DEFAULT_GUIDANCE_SCALE
+from ..models.quality import judge as make_judge
+from ._model import read_json, unet_folder
 
 PNG_MARK = "dcfx demo"  # PNG text tag: files carrying it were written by the demo
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One way of sampling: plain DDIM (`config=None`) or dcfx with `config`, at `steps`."""
-
-    name: str
-    steps: int
-    config: DeepCacheConfig | None = None
-
-    @staticmethod
-    def plain(steps: int) -> "Setting":
-        return Setting(f"DDIM {steps}", steps)
-
-    @staticmethod
-    def dcfx(steps: int, interval: int, branch: int, schedule: str = "uniform") -> "Setting":
-        tag = "" if schedule == "uniform" else f" {schedule}"
-        return Setting(f"dcfx N={interval} b={branch}{tag}", steps, DeepCacheConfig(interval=interval, branch=branch, schedule=schedule))
-
-
-@dataclass
-class Result:
-    setting: Setting
-    images: torch.Tensor  # (n, C, H, W), float32 in [0, 1] for the digits model
-    seconds: float
-    flops_ratio: float  # FLOPs of this setting / FLOPs of the plain reference setting
-    history: str = ""
-
-
-class Sampler:
-    """Runs settings on one model with fixed noise and labels; knows its FLOP costs.
-
-    `model` is a `DigitsPipeline` (sampled through the pipeline with `dcfx.enable`, as a user
-    would) or a bare U-Net (sampled by a DDIM loop with `DeepCacheUNet.begin`).
-    """
-
-    def __init__(self, model: Any, num_samples: int, seed: int, guidance_scale: float, scheduler: Any = None):
-        self.model = model
-        self.is_pipeline = hasattr(model, "unet")
-        self.unet: nn.Module = model.unet if self.is_pipeline else model
-        cfg = self.unet.config
-        gen = torch.Generator().manual_seed(seed)
-        self.labels = torch.arange(num_samples) % 10
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-        self.latents = torch.randn(num_samples, cfg.in_channels, size, size, generator=gen)
-        self.guidance_scale = guidance_scale
-        self.scheduler = scheduler
-        # A bare conditional U-Net gets a fixed random stand-in for a text embedding.
-        width = getattr(cfg, "cross_attention_dim", None)
-        self.cond = None if self.is_pipeline or width is None else torch.randn(num_samples, 77, width, generator=gen)
-        self._costs: dict[tuple, tuple[int, int, int]] = {}
-
-    def run(self, setting: Setting) -> Result:
-        """Samples `setting` once (timed), after an untimed warm-up that builds its graphs."""
-        if setting.config is not None:
-            self._generate(setting, warmup=True)  # capture/split outside the timing
-        start = time.perf_counter()
-        images, history = self._generate(setting)
-        seconds = time.perf_counter() - start
-        return Result(setting, images, seconds, float("nan"), history)
-
-    def flops(self, setting: Setting) -> float:
-        """FLOPs of one generation of `setting` (for one sample's CFG batch), from dcfx.report."""
-        full, shallow, num_full = self._cost(setting)
-        return num_full * full + (setting.steps - num_full) * shallow
-
-    def _cost(self, setting: Setting) -> tuple[int, int, int]:
-        config = setting.config or DeepCacheConfig(interval=1)
-        key = (config.branch, config.interval, config.schedule, setting.steps)
-        if key not in self._costs:
-            args, kwargs = self._example_call()
-            r = report(self.unet, *args, config=config, num_steps=setting.steps, branches=[config.branch], **kwargs).branches[0]
-            self._costs[key] = (r.full_flops, r.shallow_flops, r.num_full_steps)
-        return self._costs[key]
-
-    def _example_call(self) -> tuple[tuple, dict]:
-        batch = 2 if self.is_pipeline and self.guidance_scale > 1 else 1
-        x = self.latents[:1].repeat(batch, 1, 1, 1)
-        t = torch.tensor([999])
-        if self.is_pipeline:
-            ehs = self.model.label_embedding(torch.zeros(batch, dtype=torch.int64))
-            return (x, t), {"encoder_hidden_states": ehs.detach()}
-        if self.cond is not None:
-            return (x, t), {"encoder_hidden_states": self.cond[:1]}
-        return (x, t), {}
-
-    def _generate(self, setting: Setting, warmup: bool = False) -> tuple[torch.Tensor, str]:
-        steps = 2 if warmup else setting.steps
-        if self.is_pipeline:
-            pipe = self.model
-            fast = enable(pipe, setting.config) if setting.config is not None else None
-            try:
-                out = pipe(self.labels, num_inference_steps=steps, guidance_scale=self.guidance_scale,
-                           latents=self.latents.clone(), output_type="pt")
-            finally:
-                if fast is not None:
-                    disable(pipe)
-            return out.images, (fast.history[-1] if fast is not None else "F" * steps)
-        return self._generate_unet(setting, steps)
-
-    @torch.no_grad()
-    def _generate_unet(self, setting: Setting, steps: int) -> tuple[torch.Tensor, str]:
-        from diffusers import DDIMScheduler
-
-        scheduler = self.scheduler or DDIMScheduler()
-        unet = optimize(self.unet, setting.config) if setting.config is not None else self.unet
-        scheduler.set_timesteps(steps)
-        if setting.config is not None:
-            unet.begin(steps)
-        x = self.latents.clone() * scheduler.init_noise_sigma
-        kwargs = {} if self.cond is None else {"encoder_hidden_states": self.cond}
-        for t in scheduler.timesteps:
-            eps = unet(scheduler.scale_model_input(x, t), t, **kwargs).sample
-            x = scheduler.step(eps, t, x).prev_sample
-        return x, (unet.history[-1] if setting.config is not None else "F" * steps)
-
-
-def matched_ddim(sampler: Sampler, setting: Setting, reference_steps: int) -> Setting:
-    """Plain DDIM with the step count whose FLOPs are closest to `setting`'s."""
-    full = sampler.flops(Setting.plain(1))
-    steps = max(1, round(sampler.flops(setting) / full))
-    return Setting.plain(min(steps, reference_steps))
-
-
-def evaluate(images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor, judge: Any | None) -> dict[str, float]:
-    """accuracy and Fréchet distance (with a judge), PSNR and max error against `reference`."""
-    from .models.quality import psnr
-
-    out: dict[str, float] = {}
-    if judge is not None:
-        out["accuracy"] = judge.accuracy(images, labels)
-        out["frechet"] = judge.frechet_to_test(images)
-    lo, hi = float(reference.min()), float(reference.max())
-    scale = (hi - lo) or 1.0  # digits live in [0, 1]; a bare U-Net's samples in their own range
-    out["psnr"] = psnr((images - lo) / scale, (reference - lo) / scale)
-    out["max_err"] = float((images - reference).abs().max())
-    return out
-
-
-# -- the command ----------------------------------------------------------------------------
+_DIGITS_FOLDER = "a digits model folder (model_index.json with _class_name DigitsPipeline)"
 
 
 def load_model(path: str | None) -> tuple[Any, bool]:
     """(model, is_digits): the embedded digits pipeline, a digits folder, or a U-Net folder."""
-    from .models import digits, load_pipeline
-
     if path is None:
         return digits(), True
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--model {path}: no such folder (expected a diffusers U-Net or digits model folder)")
-    index = root / "model_index.json"
-    if index.is_file() and json.loads(index.read_text()).get("_class_name") == "DigitsPipeline":
-        return load_pipeline(root), True
-    for folder in (root, root / "unet"):
-        config = folder / "config.json"
-        if config.is_file():
-            name = json.loads(config.read_text()).get("_class_name")
-            if name in ("UNet2DConditionModel", "UNet2DModel"):
-                import diffusers
-
-                unet = getattr(diffusers, name).from_pretrained(folder, low_cpu_mem_usage=False).eval()
-                if getattr(unet.config, "addition_embed_type", None):
-                    raise ValueError(
-                        f"--model {path}: this U-Net needs added conditioning "
-                        f"(addition_embed_type={unet.config.addition_embed_type!r}, e.g. SDXL), which "
-                        f"the demo does not make up; use dcfx.enable on its own pipeline instead"
-                    )
-                return unet, False
-    raise ValueError(
-        f"--model {path} is not a diffusers U-Net: expected config.json with _class_name "
-        f"UNet2DConditionModel or UNet2DModel in it or in its unet/ subfolder, or a digits "
-        f"model folder (model_index.json with _class_name DigitsPipeline)"
-    )
+    if read_json(Path(path) / "model_index.json").get("_class_name") == "DigitsPipeline":
+        return load_pipeline(path), True
+    folder, cls = unet_folder(path, _DIGITS_FOLDER)
+    unet = cls.from_pretrained(folder, low_cpu_mem_usage=False).eval()
+    if getattr(unet.config, "addition_embed_type", None):
+        raise ValueError(
+            f"--model {path}: this U-Net needs added conditioning "
+            f"(addition_embed_type={unet.config.addition_embed_type!r}, e.g. SDXL), which "
+            f"the demo does not make up; use dcfx.enable on its own pipeline instead"
+        )
+    return unet, False
 
 
 def parse_setting(text: str, steps: int) -> Setting:
@@ -318,14 +159,8 @@ def run(args: argparse.Namespace) -> str:
     model, is_digits = load_model(args.model)
     if is_digits:
         model.set_progress_bar_config(disable=True)
-    from .models.digits import DEFAULT_GUIDANCE_SCALE
-
     guidance = args.guidance if args.guidance is not None else (DEFAULT_GUIDANCE_SCALE if is_digits else 1.0)
-    judge = None
-    if is_digits:
-        from .models.quality import judge as make_judge
-
-        judge = make_judge()
+    judge = make_judge() if is_digits else None
     sampler = Sampler(model, args.samples, args.seed, guidance)
     plain = Setting.plain(args.steps)
     todo = [plain]
