@@ -65,7 +65,9 @@ from .runtime import DeepCacheUNet
 # The manifest's layout; a reader refuses other formats.
 FORMAT = 1
 _MANIFEST = "dcfx.json"
-_MODELS = ("full", "shallow")
+# The compiled models of a package: a fixed or latent-gated policy's two graphs, or a
+# head-gated policy's three.
+_MODELS = {False: ("full", "shallow"), True: ("head", "rest", "tail")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,10 @@ class _PackagedGraphs:
     out_spec: pytree.TreeSpec
     num_cached: int
     branch: int
+    forecast: int = 0
+    num_boundary: int = 0
+    skip_index: int = -1
+    timestep_index: int | None = None
 
 
 def package(fast: DeepCacheUNet, path: str | os.PathLike, *args: Any, **kwargs: Any) -> Path:
@@ -104,12 +110,15 @@ def package(fast: DeepCacheUNet, path: str | os.PathLike, *args: Any, **kwargs: 
     config = fast.deepcache_config
     unet = fast.unet
     with TRACING.exclusive(), torch.no_grad():  # export traces: no graph may run meanwhile
-        outputs = graphs.full(*graphs.inputs)
-        cached = tuple(outputs[len(outputs) - graphs.num_cached:])
-        files = {
-            "full": _aot_compile(graphs.full, graphs.inputs, config),
-            "shallow": _aot_compile(graphs.shallow, graphs.inputs + cached, config),
-        }
+        files = {}
+        inputs = tuple(graphs.inputs)
+        if graphs.head is not None:
+            files["head"] = _aot_compile(graphs.head, inputs, config)
+            inputs = inputs + tuple(graphs.head(*inputs))
+        outputs = graphs.full(*inputs)
+        full, shallow = _MODELS[graphs.head is not None][-2:]
+        files[full] = _aot_compile(graphs.full, inputs, config)
+        files[shallow] = _aot_compile(graphs.shallow, inputs + graphs.example_cached(outputs), config)
     manifest = _manifest(unet, config, graphs)
     # Written next to `path` under its name (the archive's root folder is named after the
     # file), then moved over it: a failed write leaves no partial package behind.
@@ -154,17 +163,19 @@ def load_package(path: str | os.PathLike, device: str | torch.device | None = No
         target = torch.device(target.type, torch.get_device_module(target.type).current_device())
     key = (_spec_loads(manifest["in_spec"]), record["leaves"], record["autocast"])
     key = _on_device(key, packaged, target)
-    runners = _load_models(path, target)
+    runners = _load_models(path, target, tuple(manifest.get("models", _MODELS[False])))
     graphs = _PackagedGraphs(
         key=key,
         signature=describe_signature(key),
         out_spec=_spec_loads(manifest["out_spec"]),
         num_cached=manifest["num_cached"],
         branch=manifest["branch"],
+        forecast=manifest.get("forecast", 0),
+        num_boundary=manifest.get("num_boundary", 0),
+        skip_index=manifest.get("skip_index", -1),
+        timestep_index=manifest.get("timestep_index"),
     )
-    stub = _PackagedUNet(
-        graphs, runners["full"], runners["shallow"], record["forward"], manifest, target, path
-    )
+    stub = _PackagedUNet(graphs, runners, record["forward"], manifest, target, path)
     fast = DeepCacheUNet(stub, record["config"])
     if fast._graphs.preloaded is None:
         stub._dcfx_preload(fast)
@@ -262,6 +273,11 @@ def _manifest(unet: nn.Module, config: DeepCacheConfig, graphs: Any) -> dict[str
         "dtype": str(dtype).removeprefix("torch."),
         "branch": graphs.branch,
         "num_cached": graphs.num_cached,
+        "models": list(_MODELS[graphs.head is not None]),
+        "forecast": graphs.forecast,
+        "num_boundary": graphs.num_boundary,
+        "skip_index": graphs.skip_index,
+        "timestep_index": graphs.timestep_index,
         "config": {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)},
         "forward": [p.name for p in forward.parameters.values()],
         "unet_config": _jsonable(dict(unet_config)) if isinstance(unet_config, Mapping) else None,
@@ -335,7 +351,7 @@ def _on_device(key: tuple, packaged: torch.device, target: torch.device) -> tupl
     return spec, moved, autocast
 
 
-def _load_models(path: Path, device: torch.device) -> dict[str, Callable]:
+def _load_models(path: Path, device: torch.device, models: tuple[str, ...]) -> dict[str, Callable]:
     """The packaged models, sharing one copy of the weights.
 
     What torch's `load_pt2(..., load_weights_from_disk=True)` does, without its check of the
@@ -347,18 +363,18 @@ def _load_models(path: Path, device: torch.device) -> dict[str, Callable]:
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
         root = next(n for n in names if n.endswith(f"/extra/{_MANIFEST}")).split("/")[0]
-        missing = [m for m in _MODELS if f"{root}/{AOTINDUCTOR_DIR}{m}/weights_config.json" not in names]
+        missing = [m for m in models if f"{root}/{AOTINDUCTOR_DIR}{m}/weights_config.json" not in names]
         if missing:
             raise ValueError(f"{path} is a damaged dcfx package: it lacks the {', '.join(missing)} model")
         # weight name -> (file, shape, stride, storage offset), per model
-        configs = {m: json.loads(archive.read(f"{root}/{AOTINDUCTOR_DIR}{m}/weights_config.json")) for m in _MODELS}
+        configs = {m: json.loads(archive.read(f"{root}/{AOTINDUCTOR_DIR}{m}/weights_config.json")) for m in models}
         files = {entry[0] for config in configs.values() for entry in config.values()}
         stored = {
             f: torch.load(io.BytesIO(archive.read(f"{root}/{WEIGHTS_DIR}{f}")), map_location=device, weights_only=True)
             for f in files
         }
     runners = {}
-    for name in _MODELS:
+    for name in models:
         try:
             _check_machine(_private.aoti_metadata(str(path), name), path)
             runner = _private.load_aoti_model(str(path), name, index)
@@ -408,8 +424,7 @@ class _PackagedUNet(nn.Module):
     def __init__(
         self,
         graphs: _PackagedGraphs,
-        full: Callable,
-        shallow: Callable,
+        runners: dict[str, Callable],
         forward: inspect.Signature,
         manifest: dict[str, Any],
         device: torch.device,
@@ -417,8 +432,7 @@ class _PackagedUNet(nn.Module):
     ):
         super().__init__()
         self._graphs = graphs
-        self._full = full
-        self._shallow = shallow
+        self._runners = runners
         self._dtype = getattr(torch, manifest["dtype"])
         self._device = device
         self._name = manifest["unet"]
@@ -453,7 +467,14 @@ class _PackagedUNet(nn.Module):
                 f"{self._path} holds the graphs of branch {self._graphs.branch}; a config with "
                 f"branch={branch} needs another package"
             )
-        fast._preload(self._graphs, self._full, self._shallow)
+        config = fast.deepcache_config
+        packaged = (bool(self._graphs.num_boundary), self._graphs.forecast)
+        if (config.needs_head, config.forecast) != packaged:
+            raise ValueError(
+                f"{self._path} holds the graphs of a policy with head={packaged[0]}, forecast={packaged[1]}; "
+                f"a config with adaptive={config.adaptive!r}, forecast={config.forecast} needs another package"
+            )
+        fast._preload(self._graphs, self._runners)
 
     def extra_repr(self) -> str:
         return f"{self._name} from {str(self._path)!r}: {self._graphs.signature}"

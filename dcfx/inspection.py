@@ -48,6 +48,20 @@ class DeepCacheGraphs:
     # and the tail, which also take the head's outputs after the call's tensors.
     head: fx.GraphModule | None = None
     forecast: int = 0  # the shallow graph extrapolates the feature from this many earlier ones
+    num_boundary: int = 0  # head-gated: how many tensors the head passes on
+    skip_index: int = -1  # head-gated: which of them is the fresh feature at the cut
+    timestep_index: int | None = None  # the timestep's position among `inputs`
+
+    def example_cached(self, outputs: tuple) -> tuple:
+        """The shallow graph's cached inputs, from a full step's `outputs`: the cached
+        outputs, or with a forecast the feature as its own history and zero times."""
+        cached = tuple(outputs[len(outputs) - self.num_cached:])
+        if not self.forecast:
+            return cached
+        feature = cached[0]
+        times = torch.zeros(self.forecast + 2, dtype=torch.float32, device=feature.device)
+        # Distinct tensors: an export that sees one tensor twice may assume they alias.
+        return (feature, *(feature.clone() for _ in range(self.forecast)), times)
 
     @functools.cached_property
     def cut(self) -> Cut:
@@ -261,6 +275,9 @@ def graphs_of(entry: Any, call: Any) -> DeepCacheGraphs:
         signature=describe_signature(call.key),
         head=entry.graphs["head"].graph if entry.head else None,
         forecast=entry.forecast,
+        num_boundary=entry.num_boundary,
+        skip_index=entry.skip_index,
+        timestep_index=entry.timestep_index,
     )
 
 

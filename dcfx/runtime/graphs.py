@@ -254,16 +254,17 @@ class GraphCache:
             example=tuple(torch.empty_like(t, device="meta") for t in call.tensors),
         )
 
-    def preload(self, graphs: Any, full: Callable, shallow: Callable) -> None:
-        """Run `full`/`shallow` (AOT-compiled graphs) for calls with `graphs.key`, and refuse
-        every other signature. `graphs` has `key`, `signature`, `out_spec`, `num_cached` (a
-        `DeepCacheGraphs` or a package's record of one), and optionally `forecast` and
-        `timestep_index`."""
+    def preload(self, graphs: Any, runners: dict[str, Callable]) -> None:
+        """Run `runners` (AOT-compiled graphs by kind: full and shallow, or head, rest and
+        tail) for calls with `graphs.key`, and refuse every other signature. `graphs` has
+        `key`, `signature`, `out_spec`, `num_cached`, `forecast`, `num_boundary`,
+        `skip_index` and `timestep_index` (a `DeepCacheGraphs` or a package's record)."""
         entry = Entry(
-            graphs.key, graphs.out_spec, {"full": Fixed(full, "full"), "shallow": Fixed(shallow, "shallow")},
-            num_cached=graphs.num_cached, forecast=getattr(graphs, "forecast", 0), branch=self.config.branch,
+            graphs.key, graphs.out_spec, {kind: Fixed(fn, kind) for kind, fn in runners.items()},
+            num_cached=graphs.num_cached, forecast=graphs.forecast, num_boundary=graphs.num_boundary,
+            skip_index=graphs.skip_index, branch=self.config.branch,
             cuda=any(leaf[0] == "T" and torch.device(leaf[3]).type == "cuda" for leaf in graphs.key[1]),
-            timestep_index=getattr(graphs, "timestep_index", None),
+            timestep_index=graphs.timestep_index,
         )
         self.preloaded = (graphs.key, graphs.signature, entry)
 

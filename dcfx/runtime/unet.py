@@ -261,8 +261,8 @@ class DeepCacheUNet(nn.Module):
     def _awaits_planned_start(self) -> bool:
         return self._steps.awaits_planned_start()
 
-    def _preload(self, graphs: Any, full: Callable, shallow: Callable) -> None:
-        self._graphs.preload(graphs, full, shallow)
+    def _preload(self, graphs: Any, runners: dict[str, Callable]) -> None:
+        self._graphs.preload(graphs, runners)
 
     def _slots(self, entry: Entry) -> list:
         """The calling thread's slots (one per stream) for `entry`."""
