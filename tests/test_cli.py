@@ -76,7 +76,7 @@ def test_import_dcfx_loads_no_cli_demo_training_or_plotting_code():
 
 
 def test_commands_are_listed_in_help_order():
-    assert [name for name, _ in COMMANDS] == ["demo", "example", "profile", "graphs"]
+    assert [name for name, _ in COMMANDS] == ["demo", "example", "profile", "graphs", "serve"]
     for _, module in COMMANDS:
         assert callable(module.add_arguments) and callable(module.run) and module.__doc__
 
@@ -145,8 +145,11 @@ def test_demo_runs_a_plain_diffusers_unet_folder(model_folder, tmp_path, capsys)
     "argv, message",
     [
         (["--samples", "0"], "--samples and --steps must be >= 1, got 0 and 50"),
-        (["--settings", "3"], "setting '3' must be INTERVAL:BRANCH or INTERVAL:BRANCH:SCHEDULE"),
+        (["--settings", "3"], "setting '3' must be N:B[:nonuniform][:fK] (a fixed schedule) or SIGNAL:B"),
         (["--settings", "3:0:cosine"], "schedule must be one of"),
+        (["--settings", "sharp:0"], "signals cut, accumulated, latent"),
+        (["--settings", "cut:0:-1"], "threshold must be a number > 0"),
+        (["--settings", "3:0:f3"], "forecast must be one of (0, 1, 2)"),
         (["--threads", "0"], "--threads must be >= 1, got 0"),
     ],
 )

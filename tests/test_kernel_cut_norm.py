@@ -346,7 +346,7 @@ def test_kill_switch_sends_the_cuda_kernels_to_pytorch(monkeypatch):
     # the plain PyTorch result; anything else launches.
     launched = []
     monkeypatch.setattr(kernel_module, "_launch_cut", lambda *args: launched.append("cut"))
-    monkeypatch.setattr(kernel_module, "group_partial_stats_triton", lambda *args: launched.append("stats"))
+    monkeypatch.setattr(kernel_module, "_launch_stats", lambda *args: launched.append("stats"))
     cached, skip, weight, bias = _make_inputs(2, 5, 7, 4, 4, torch.float32)
     for value, launches in (("0", ["cut", "stats"]), ("1", []), ("", ["cut", "stats"])):
         monkeypatch.setenv("DCFX_DISABLE_TRITON", value)

@@ -363,7 +363,7 @@ def stand_in_torch_and_dcfx():
         optimized.append(dcfx.optimize(*args, **kwargs))
         return optimized[-1]
 
-    return Torch(), types.SimpleNamespace(optimize=optimize)
+    return Torch(), types.SimpleNamespace(optimize=optimize, cuda_graphs=dcfx.cuda_graphs)
 
 
 RECIPE_SCHEDULERS = {

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..models import digits, load_pipeline
 from ..models.compare import Result, Sampler, Setting, evaluate, matched_ddim
+from ..config import SIGNALS
 from ..models.digits import DEFAULT_GUIDANCE_SCALE
 from ..models.quality import judge as make_judge
 from ._model import read_json, unet_folder
@@ -52,18 +53,33 @@ def load_model(path: str | None) -> tuple[Any, bool]:
     return unet, False
 
 
+SETTING_FORMS = "N:B[:nonuniform][:fK] (a fixed schedule) or SIGNAL:B[:THRESHOLD][:fK] (adaptive)"
+
+
 def parse_setting(text: str, steps: int) -> Setting:
-    """'3:0' -> interval 3, branch 0; '5:0:nonuniform' adds the schedule."""
+    """'3:0' -> interval 3, branch 0; '5:0:nonuniform' adds the schedule; 'cut:0' is the
+    adaptive signal "cut" at branch 0 ('cut:0:0.15' with a threshold); ':f1'/':f2' adds a
+    forecast of that order to either."""
     parts = text.split(":")
     try:
-        if len(parts) not in (2, 3):
+        if len(parts) < 2:
             raise ValueError
-        return Setting.dcfx(steps, int(parts[0]), int(parts[1]), *(parts[2:] or ["uniform"]))
+        head, branch, rest = parts[0], int(parts[1]), parts[2:]
+        forecast = 0
+        if rest and rest[-1].startswith("f") and rest[-1][1:].isdigit():
+            forecast = int(rest.pop()[1:])
+        if head in SIGNALS:
+            if len(rest) > 1:
+                raise ValueError
+            return Setting.adaptive(steps, head, branch, float(rest[0]) if rest else None, forecast)
+        if len(rest) > 1:
+            raise ValueError
+        return Setting.dcfx(steps, int(head), branch, *(rest or ["uniform"]), forecast=forecast)
     except ValueError as e:
         detail = f" ({e})" if str(e) else ""
         raise ValueError(
-            f"setting {text!r} must be INTERVAL:BRANCH or INTERVAL:BRANCH:SCHEDULE "
-            f"(schedule uniform or nonuniform), e.g. 3:0{detail}"
+            f"setting {text!r} must be {SETTING_FORMS}; signals {', '.join(SIGNALS)}, schedules "
+            f"uniform or nonuniform, e.g. 3:0 or cut:0:0.15{detail}"
         ) from None
 
 
@@ -128,15 +144,15 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     return "\n".join([line(heads), line(["-" * wd for wd in widths]), *map(line, cells)])
 
 
-DEFAULT_SETTINGS = ("3:0", "5:0", "3:2")
+DEFAULT_SETTINGS = ("3:0", "5:0", "3:2", "cut:0")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a local digits or diffusers U-Net folder (default: the embedded digits model)")
     p.add_argument("--samples", type=int, default=40, help="samples per setting (same noise for all)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of the plain reference and of dcfx")
-    p.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), metavar="N:B[:SCHEDULE]",
-                   help="dcfx settings, interval:branch[:uniform|nonuniform] (default: %(default)s)")
+    p.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), metavar="SETTING",
+                   help=f"dcfx settings, each {SETTING_FORMS} (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (digits default 1.5; 1 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-matched", action="store_true", help="skip the fewer-step DDIM rows")
@@ -163,19 +179,28 @@ def run(args: argparse.Namespace) -> str:
     judge = make_judge() if is_digits else None
     sampler = Sampler(model, args.samples, args.seed, guidance)
     plain = Setting.plain(args.steps)
-    todo = [plain]
-    for s in settings:
-        todo.append(s)
-        if not args.no_matched:
-            m = matched_ddim(sampler, s, args.steps)
-            if m not in todo:
-                todo.append(m)
     base_flops = sampler.flops(plain)
-    results = []
-    for s in tqdm(todo, desc="dcfx demo", unit="setting"):
+    results: list[Result] = []
+    done: set[Setting] = set()
+    progress = tqdm(total=1 + len(settings) * (1 if args.no_matched else 2), desc="dcfx demo", unit="setting")
+
+    def run_one(s: Setting) -> Result:
         r = sampler.run(s)
-        r.flops_ratio = sampler.flops(s) / base_flops
+        # An adaptive setting's cost is what it ran; the others' follow from their schedule.
+        r.flops_ratio = sampler.flops(s, r.history if s.config is not None else None) / base_flops
         results.append(r)
+        done.add(s)
+        progress.update()
+        return r
+
+    run_one(plain)
+    for s in settings:
+        r = run_one(s)
+        if not args.no_matched:
+            m = matched_ddim(sampler, s, args.steps, r.history)
+            if m not in done:
+                run_one(m)
+    progress.close()
     ref = results[0]
     rows = []
     for r in results:

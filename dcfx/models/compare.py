@@ -37,9 +37,16 @@ class Setting:
         return Setting(f"DDIM {steps}", steps)
 
     @staticmethod
-    def dcfx(steps: int, interval: int, branch: int, schedule: str = "uniform") -> "Setting":
-        tag = "" if schedule == "uniform" else f" {schedule}"
-        return Setting(f"dcfx N={interval} b={branch}{tag}", steps, DeepCacheConfig(interval=interval, branch=branch, schedule=schedule))
+    def dcfx(steps: int, interval: int, branch: int, schedule: str = "uniform", forecast: int = 0) -> "Setting":
+        tag = ("" if schedule == "uniform" else f" {schedule}") + (f" forecast {forecast}" if forecast else "")
+        config = DeepCacheConfig(interval=interval, branch=branch, schedule=schedule, forecast=forecast)
+        return Setting(f"dcfx N={interval} b={branch}{tag}", steps, config)
+
+    @staticmethod
+    def adaptive(steps: int, signal: str, branch: int, threshold: float | None = None, forecast: int = 0) -> "Setting":
+        config = DeepCacheConfig(branch=branch, adaptive=signal, threshold=threshold, forecast=forecast)
+        tag = (f" {threshold:g}" if threshold is not None else "") + (f" forecast {forecast}" if forecast else "")
+        return Setting(f"dcfx {signal}{tag} b={branch}", steps, config)
 
 
 @dataclass
@@ -83,11 +90,17 @@ class Sampler:
         seconds = time.perf_counter() - start
         return Result(setting, images, seconds, float("nan"), history)
 
-    def flops(self, setting: Setting) -> float:
-        """FLOPs of one generation of `setting` (for one sample's CFG batch), from dcfx.report."""
+    def flops(self, setting: Setting, history: str | None = None) -> float:
+        """FLOPs of one generation of `setting` (for one sample's CFG batch), from dcfx.report;
+        an adaptive setting's from the steps it ran (`history`, 'F'/'S' per step)."""
         config = setting.config or DeepCacheConfig(interval=1)  # plain: every step full
         full, shallow = self._flops_per_call(config)
-        num_full = len(StepSchedule(config).full_steps(setting.steps))
+        if history is not None:
+            num_full = history.count("F")
+        elif config.adaptive is not None:
+            raise ValueError(f"{setting.name}: an adaptive setting's FLOPs are known once it ran (pass its history)")
+        else:
+            num_full = len(StepSchedule(config).full_steps(setting.steps))
         return num_full * full + (setting.steps - num_full) * shallow
 
     def _flops_per_call(self, config: DeepCacheConfig) -> tuple[int, int]:
@@ -143,10 +156,11 @@ class Sampler:
         return x, (unet.history[-1] if setting.config is not None else "F" * steps)
 
 
-def matched_ddim(sampler: Sampler, setting: Setting, reference_steps: int) -> Setting:
-    """Plain DDIM with the step count whose FLOPs are closest to `setting`'s."""
+def matched_ddim(sampler: Sampler, setting: Setting, reference_steps: int, history: str | None = None) -> Setting:
+    """Plain DDIM with the step count whose FLOPs are closest to `setting`'s (an adaptive
+    setting's as it ran: `history`)."""
     full = sampler.flops(Setting.plain(1))
-    steps = max(1, round(sampler.flops(setting) / full))
+    steps = max(1, round(sampler.flops(setting, history) / full))
     return Setting.plain(min(steps, reference_steps))
 
 

@@ -57,6 +57,7 @@ class StepGraphs:
         self._slot: Slot | None = None
         self._signal = torch.zeros((), dtype=torch.float32, device=call.tensors[0].device)
         self._outputs: dict[str, tuple] = {}
+        self._static: dict[str, tuple] = {}
         self._boundary: tuple = ()
         kinds = self._kinds()
         runners = {kind: self._runner(kind) for kind in kinds}
@@ -149,13 +150,25 @@ class StepGraphs:
         self.policy.record(self._state, full)
         return full
 
+    @torch.no_grad()
     def step(self, index: int, num_steps: int | None = None) -> Any:
         """Run step `index` (0 starts a generation) and return the U-Net's output."""
         full = self.is_full(index, num_steps)
         kind = ("first" if index == 0 else "full") if full else "shallow"
         self._replay[kind]()
         self.history = ("" if index == 0 else self.history) + ("F" if full else "S")
-        result = pytree.tree_unflatten(list(self._outputs[kind]), self.entry.out_spec)
+        outputs = self._outputs[kind]
+        if not self.capture:
+            # Uncaptured, still as a replay behaves: each graph writes its own static outputs,
+            # which its next run overwrites.
+            static = self._static.get(kind)
+            if static is None:
+                static = self._static[kind] = tuple(o.clone() for o in outputs)
+            else:
+                for out, value in zip(static, outputs):
+                    out.copy_(value)
+            outputs = static
+        result = pytree.tree_unflatten(list(outputs), self.entry.out_spec)
         if not self.call.return_dict and hasattr(result, "to_tuple"):
             result = result.to_tuple()
         return result
