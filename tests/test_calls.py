@@ -156,8 +156,9 @@ OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("option", list(OPTIONS))
-@pytest.mark.parametrize("branch", [0, 2])
+@pytest.mark.parametrize(
+    ("option", "branch"), [(option, 0) for option in OPTIONS] + [("freeu", 2)],  # FreeU scales deeper blocks too
+)
 def test_model_state_options_with_the_fused_cut(option, branch):
     unet = tiny_unet(seed=5)
     (cond,) = conds(n=1)

@@ -461,11 +461,18 @@ def test_cuda_graph_helper_steps_like_the_runtime(unet, options):
 
 
 @pytest.mark.parametrize(
-    "options",
-    [dict(adaptive="cut", threshold=0.6, forecast=1), dict(adaptive="latent", threshold=1.0), dict(interval=3, forecast=2)],
-    ids=["cut-forecast", "latent", "forecast"],
+    ("options", "order"),
+    [
+        # The head-gated policy with a forecast (three graphs, the most inputs) in each order,
+        # and the other two policies in one order each (each compile is a dynamo trace).
+        (dict(adaptive="cut", threshold=0.6, forecast=1), "fast.compile"),
+        (dict(adaptive="cut", threshold=0.6, forecast=1), "torch.compile(fast)"),
+        (dict(adaptive="cut", threshold=0.6, forecast=1), "unet.compile()"),
+        (dict(adaptive="latent", threshold=1.0), "torch.compile(fast)"),
+        (dict(interval=3, forecast=2), "unet.compile()"),
+    ],
+    ids=["cut-forecast-fast.compile", "cut-forecast-torch.compile", "cut-forecast-unet.compile", "latent", "forecast"],
 )
-@pytest.mark.parametrize("order", ["fast.compile", "torch.compile(fast)", "unet.compile()"])
 def test_policies_compile_in_every_order(options, order):
     unet = tiny_unet(seed=4)
     expected_fast = dcfx.optimize(unet, branch=1, **options)
