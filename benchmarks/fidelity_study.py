@@ -494,10 +494,11 @@ def measure(study: Study, methods: Sequence[Method], reference: Method, check: M
     rows, checks = [], {}
     for seed in seeds:
         load = lambda m: load_task(task_path(tasks_dir, study.task_key(m, seed)))  # noqa: E731
-        ref_images = torch.from_numpy(load(reference)["images"])
-        chk = torch.from_numpy(load(check)["images"])
+        ref_task, check_task = load(reference), load(check)
+        ref_images, chk = torch.from_numpy(ref_task["images"]), torch.from_numpy(check_task["images"])
         per_image = [psnr(chk[i : i + 1], ref_images[i : i + 1]) for i in range(len(chk))]
-        checks[seed] = {"psnr": psnr(chk, ref_images), "ssim": ssim(chk, ref_images), "min_psnr": min(per_image)}
+        checks[seed] = {"psnr": psnr(chk, ref_images), "ssim": ssim(chk, ref_images), "min_psnr": min(per_image),
+                        "seconds": ref_task["seconds"] + check_task["seconds"]}
         cache: dict[str, dict] = {}
         for m in methods:
             key = study.task_key(m, seed)
@@ -633,8 +634,9 @@ def markdown(rows: list[Row], checks: dict, args: argparse.Namespace, study: Stu
         + (f" (shallow step: {', '.join(f'b={b} {100 * f:.1f}%' for b, f in sorted(fraction.items()))} of a full one, dcfx.report)"
            if fraction else "")
         + f". `python benchmarks/fidelity_study.py {' '.join(args.argv)}`".rstrip()
-        + f": {executed} tasks run in {seconds / 60:.1f} min on {platform.machine()} ({os.cpu_count()} cores, shared), "
-          f"torch {torch.__version__}."
+        + f" on {platform.machine()} ({os.cpu_count()} cores, shared), torch {torch.__version__}: sampling took "
+          f"{(sum(r.seconds for r in rows) + sum(c['seconds'] for c in checks.values())) / 60:.0f} min summed over "
+          f"the tasks; this invocation ran {executed} of them in {seconds / 60:.1f} min."
     )
     lines = [head, "", f"**Reference**: {reference.label}, from the same noise. Its convergence check, {check.label} "
              "against it:", "",
