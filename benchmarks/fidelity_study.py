@@ -41,7 +41,7 @@ sampler at the same scheduler and steps, class accuracy and Fréchet distance to
 digits (`dcfx.models.quality`). Tables give mean ± std over seeds.
 
 Verdicts. Each family's PSNR vs the reference is interpolated, per seed, linearly in log cost
-(no extrapolation). At each budget the best plain scheduler (best mean), the best uniform
+(no extrapolation beyond 1% past its end rows). At each budget the best plain scheduler (best mean), the best uniform
 DeepCache and the best other dcfx policy are compared, paired by seed; the goal is the best dcfx
 policy at least `--goal-db` dB above both with class accuracy no more than 1 point below the
 best plain scheduler's. Each dcfx row is also judged against the best plain frontier at its own
@@ -536,17 +536,25 @@ def families(rows: Sequence[Row]) -> dict[str, list[Method]]:
 
 
 def interpolate(rows: Sequence[Row], family: str, cost: float, seed: int, metric: str) -> float | None:
-    """The family's `metric` at `cost` for `seed`: linear in log cost, None outside its range."""
+    """The family's `metric` at `cost` for `seed`: linear in log cost between its rows.
+
+    None outside its range, except that up to `_END_SLACK` beyond an end row counts as that row
+    (schedules price a family's end rows a hundredth or so apart from another family's).
+    """
     pts = sorted((r.cost, r.metrics[metric]) for r in rows if r.method.family == family and r.seed == seed)
-    if not pts or not pts[0][0] - 1e-9 <= cost <= pts[-1][0] + 1e-9:
+    if not pts or not pts[0][0] * (1 - _END_SLACK) <= cost <= pts[-1][0] * (1 + _END_SLACK):
         return None
+    cost = min(max(cost, pts[0][0]), pts[-1][0])
     for (c0, v0), (c1, v1) in zip(pts, pts[1:] + pts[-1:]):
-        if c0 - 1e-9 <= cost <= c1 + 1e-9:
+        if c0 <= cost <= c1:
             if c1 - c0 < 1e-12:
                 return v0
             w = (math.log(cost) - math.log(c0)) / (math.log(c1) - math.log(c0))
             return v0 + w * (v1 - v0)
     return None
+
+
+_END_SLACK = 0.01
 
 
 @dataclass
@@ -605,7 +613,8 @@ def _diff(d: tuple[float, float] | None, digits: int = 1, scale: float = 1.0) ->
     if d is None:
         return "—"
     spread = "" if math.isnan(d[1]) else f" ± {scale * d[1]:.{digits}f}"
-    return f"{scale * d[0]:+.{digits}f}{spread}"
+    mean = round(scale * d[0], digits) + 0.0  # no "-0.0"
+    return f"{mean:+.{digits}f}{spread}"
 
 
 # -- reporting -------------------------------------------------------------------------------------
@@ -772,11 +781,11 @@ def plot(rows: Sequence[Row], path: Path, budgets: Sequence[float], title: str) 
                         *mean_std([100 * r.metrics["accuracy"] for r in g])))
         pts.sort()
         x = [p[0] for p in pts]
-        for ax, k in ((axes[0], 1), (axes[1], 3)):
+        for ax, k, top, alpha in ((axes[0], 1, np.inf, 0.15), (axes[1], 3, 100.0, 0.06)):
             mean = np.array([p[k] for p in pts])
             std = np.array([p[k + 1] for p in pts])
             ax.plot(x, mean, label=fam, **style)
-            ax.fill_between(x, mean - std, mean + std, color=style["color"], alpha=0.15, linewidth=0)
+            ax.fill_between(x, mean - std, np.minimum(mean + std, top), color=style["color"], alpha=alpha, linewidth=0)
     for ax in axes:
         ax.set_xscale("log")
         for b in budgets:

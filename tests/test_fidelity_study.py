@@ -69,6 +69,7 @@ def test_interpolation_is_linear_in_log_cost_and_never_extrapolates():
     assert fs.interpolate(rows, "UniPC", 8.0, 0, "psnr_ref") == pytest.approx(25.0)
     assert fs.interpolate(rows, "UniPC", 16.0, 0, "psnr_ref") == pytest.approx(30.0)
     assert fs.interpolate(rows, "UniPC", 3.9, 0, "psnr_ref") is None
+    assert fs.interpolate(rows, "UniPC", 16.1, 0, "psnr_ref") == pytest.approx(30.0)  # within 1% of an end row
 
 
 @pytest.fixture(scope="module")
