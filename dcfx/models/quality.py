@@ -87,5 +87,31 @@ def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
     return float(values.mean())
 
 
+def ssim(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean per-image SSIM of images in [0, 1] against `reference` (1 if identical).
+
+    Wang et al. (2004): Gaussian window (sigma 1.5, 11x11), K1 = 0.01, K2 = 0.03, data range
+    1, population statistics, averaged over the positions where the window fits inside the
+    image (6x6 of them at 16x16) and over channels; scikit-image's `structural_similarity`
+    with `gaussian_weights=True, use_sample_covariance=False, data_range=1` is the same.
+    """
+    x, y = images.double(), reference.double()
+    if x.shape != y.shape or x.dim() != 4:
+        raise ValueError(f"ssim needs two (N, C, H, W) batches of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    channels = x.shape[1]
+    g = torch.exp(-((torch.arange(_SSIM_WINDOW, dtype=torch.float64) - _SSIM_WINDOW // 2) ** 2) / (2 * _SSIM_SIGMA**2))
+    g = g / g.sum()
+    window = (g[:, None] * g[None, :]).expand(channels, 1, _SSIM_WINDOW, _SSIM_WINDOW)
+    blur = lambda t: torch.nn.functional.conv2d(t, window, groups=channels)  # noqa: E731 (valid positions only)
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(s.flatten(1).mean(1).mean())
+
+
+_SSIM_WINDOW, _SSIM_SIGMA = 11, 1.5
+
+
 def _flat(images: torch.Tensor) -> np.ndarray:
     return images.detach().float().reshape(len(images), -1).cpu().numpy()

@@ -1,0 +1,174 @@
+"""benchmarks/fidelity_study.py: methods as data, cost from history, resumption, and the Ray path
+giving the serial path's images bit for bit (tiny grids: two samples, a few steps)."""
+
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from dcfx import DeepCacheConfig
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity_study.py"
+
+
+def _load_study():
+    spec = importlib.util.spec_from_file_location("fidelity_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fidelity_study"] = module  # Ray pickles the task function by value from here
+    spec.loader.exec_module(module)
+    return module
+
+
+fs = _load_study()
+Method = fs.Method
+
+
+def _study(**changes):
+    fields = dict(samples=2, guidance=1.5, spacing="trailing", threads=1, model=None, model_digest=fs.model_digest(None))
+    return fs.Study(**{**fields, **changes})
+
+
+# Each kind of task once, two seeds: one worker may run several, in any order.
+TINY = [Method("dpm++2m", 3), Method("dpm++2m", 4, DeepCacheConfig(interval=2, branch=0)), Method("ddim", 2)]
+TASKS = [(m, s) for s in (0, 1) for m in TINY]
+
+
+def _finished(study, tasks_dir):
+    return {study.task_key(m, s): fs.load_task(fs.task_path(tasks_dir, study.task_key(m, s))) for m, s in TASKS}
+
+
+def test_methods_are_data():
+    m = fs.parse_method("dpm++2m:20:interval=2,branch=0,schedule=(0, 3, 7)")
+    assert m == Method("dpm++2m", 20, DeepCacheConfig(interval=2, schedule=(0, 3, 7)))
+    assert m.kind == "dcfx policy" and m.plain == Method("dpm++2m", 20)
+    assert m.label == "DPM-Solver++ 2M 20 + DeepCache explicit 3 full N=2 b=0"
+    uniform = Method("ddim", 10, DeepCacheConfig(interval=2))
+    assert uniform.kind == "uniform DeepCache" and uniform.family == "DDIM + DeepCache uniform N=2 b=0"
+    assert Method("unipc", 5).kind == "plain" and Method("unipc", 5, family="mine").family == "mine"
+    # Only interval, branch and fields off their defaults name a config: fields added later with
+    # defaults keep finished tasks' names.
+    assert fs.config_fields(DeepCacheConfig(interval=2)) == {"interval": 2, "branch": 0}
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        fs.parse_method("euler:10")
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        fs.parse_method("ddim:10:interval")
+
+
+def test_cost_counts_the_steps_that_ran():
+    fraction = {0: 0.1, 1: 0.25}
+    assert fs.cost_of("FFFF", None, fraction) == 4
+    assert fs.cost_of("FSFSS", DeepCacheConfig(branch=1), fraction) == pytest.approx(2 + 3 * 0.25)
+    # An adaptive policy's seeds may run different steps: each is priced by its own history.
+    assert fs.cost_of("FSSSS", DeepCacheConfig(), fraction) == pytest.approx(1.4)
+
+
+def test_interpolation_is_linear_in_log_cost_and_never_extrapolates():
+    rows = [fs.Row(Method("unipc", c), 0, "F" * c, float(c), 0.0, {"psnr_ref": v}) for c, v in ((4, 20.0), (16, 30.0))]
+    assert fs.interpolate(rows, "UniPC", 8.0, 0, "psnr_ref") == pytest.approx(25.0)
+    assert fs.interpolate(rows, "UniPC", 16.0, 0, "psnr_ref") == pytest.approx(30.0)
+    assert fs.interpolate(rows, "UniPC", 3.9, 0, "psnr_ref") is None
+    assert fs.interpolate(rows, "UniPC", 16.1, 0, "psnr_ref") == pytest.approx(30.0)  # within 1% of an end row
+
+
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory):
+    """TASKS run here, one after the other: (study, tasks dir)."""
+    study, folder = _study(), tmp_path_factory.mktemp("serial")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "ray", None)  # the serial path must never import ray
+        assert fs.execute(study, TASKS, folder) == len(TASKS)
+    return study, folder
+
+
+def test_serial_run_resumes_from_finished_tasks(serial, tmp_path, monkeypatch):
+    study, folder = serial
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    ran = []
+    run = fs.run_task
+    monkeypatch.setattr(fs, "run_task", lambda *a: ran.append(a[1:]) or run(*a))
+    monkeypatch.setitem(sys.modules, "ray", None)
+    assert fs.execute(study, TASKS, tmp_path) == 0 and ran == []
+    fs.task_path(tmp_path, study.task_key(*TASKS[1])).unlink()
+    assert fs.execute(study, TASKS, tmp_path) == 1 and ran == [TASKS[1]]
+    first, again = _finished(study, folder), _finished(study, tmp_path)
+    for key, task in first.items():  # a re-run task is the same bit for bit
+        assert again[key]["images"].tobytes() == task["images"].tobytes()
+    dc = first[study.task_key(*TASKS[1])]
+    assert dc["history"] == "FSFS" and dc["images"].shape == (2, 1, 16, 16)
+    # Anything that changes the images changes the task's name.
+    assert len({s.task_key(*TASKS[0]) for s in (study, _study(threads=2), _study(spacing="leading"), _study(samples=3))}) == 4
+
+
+def test_ray_path_equals_serial_path_bit_for_bit(serial, tmp_path):
+    pytest.importorskip("ray")
+    study, folder = serial
+    assert fs.execute(study, TASKS, tmp_path, ray_address="") == len(TASKS)
+    expected, ray = _finished(study, folder), _finished(study, tmp_path)
+    for key in expected:
+        assert ray[key]["history"] == expected[key]["history"]
+        assert ray[key]["images"].tobytes() == expected[key]["images"].tobytes(), ray[key]["label"]
+    # Resuming on the Ray path: nothing is pending, so Ray is not even started.
+    assert fs.execute(study, TASKS, tmp_path, ray_address="") == 0
+
+
+class _Judge:
+    """Stands in for the digits judge (which trains for seconds): the study's arithmetic is tested."""
+
+    test_accuracy = 1.0
+
+    def accuracy(self, images, labels):
+        return float((images.flatten(1).mean(1) > 0.2).float().mean())
+
+    def frechet_to_test(self, images):
+        return float(images.mean())
+
+
+def test_cli_writes_tables_and_csv_and_resumes(tmp_path, monkeypatch, capsys):
+    import dcfx.models.quality as quality
+
+    monkeypatch.setattr(quality, "judge", lambda: _Judge())
+    monkeypatch.setitem(sys.modules, "ray", None)
+    argv = ["--grid", "none", "--method", "dpm++2m:3", "--method", "dpm++2m:4:interval=2,branch=0",
+            "--method", "dpm++2m:4:interval=2,branch=0,schedule='nonuniform',center=1", "--samples", "2",
+            "--seeds", "0", "--reference", "dpm++2m:6", "--check-steps", "5", "--budgets", "3",
+            "--out-dir", str(tmp_path), "--no-plot"]
+    rows = fs.main(argv)
+    first = (tmp_path / "fidelity_none.md").read_text()
+    assert "ran 6 of them" in first  # reference, check, 3 rows and the plain partner of the dcfx rows
+    assert "| budget | best plain |" in first and "Goal met at 0 of 1 budgets" in first
+    dc = [r for r in rows if r.method.config is not None and r.method.kind == "uniform DeepCache"]
+    assert {r.history for r in dc} == {"FSFS"}
+    assert dc[0].cost == pytest.approx(2 + 2 * fs.shallow_fractions(None, [0], 1.5)[0])
+    csv_lines = (tmp_path / "fidelity_none.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + 4 and csv_lines[0].startswith("label,family,kind,scheduler,steps,config,seed")
+    capsys.readouterr()
+    fs.main(argv)
+    second = (tmp_path / "fidelity_none.md").read_text()
+    assert "ran 0 of them" in second
+    assert second.split("\n", 1)[1] == first.split("\n", 1)[1]  # same tables from the finished tasks
+
+
+def test_frontier_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = []
+    for seed in (0, 1):
+        for steps in (4, 8):
+            for m in (Method("unipc", steps), Method("unipc", 2 * steps, DeepCacheConfig(interval=2))):
+                cost = float(steps) if m.config is None else steps * 1.1
+                rows.append(fs.Row(m, seed, "", cost, 0.0, {"psnr_ref": 20 + steps + seed, "accuracy": 0.9}))
+    fs.plot(rows, tmp_path / "f.png", [5, 7], "test")
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ddim50_grid_matches_the_first_study():
+    # The first study's FLOP-matched DDIM step counts (README, "Fidelity study").
+    rows = fs.ddim50_grid(fs.shallow_fractions(None, [0, 1, 3], 1.5))
+    matched = {rows[i].label: rows[i + 1].steps for i in range(1, len(rows), 2)}
+    assert matched["DDIM 50 + DeepCache uniform N=3 b=0"] == 20
+    assert matched["DDIM 50 + DeepCache uniform N=10 b=0"] == 9
+    assert matched["DDIM 50 + DeepCache uniform N=2 b=1"] == 31
+    assert matched["DDIM 50 + DeepCache uniform N=2 b=3"] == 40
+    assert matched["DDIM 50 + DeepCache nonuniform N=5 b=0"] == 14
+    assert all(m.scheduler == "ddim" and m.steps <= 50 for m in rows)
