@@ -183,7 +183,10 @@ def _policy_name(config: DeepCacheConfig) -> str:
     schedule = rest.pop("schedule", "uniform")
     if isinstance(schedule, list):
         schedule = f"explicit {len(schedule)} full"
-    words = [f"DeepCache {schedule} N={config.interval} b={config.branch}"]
+    if config.adaptive is not None:  # interval and schedule are unused: the signal decides
+        words = [f"DeepCache adaptive '{rest.pop('adaptive')}' b={config.branch}"]
+    else:
+        words = [f"DeepCache {schedule} N={config.interval} b={config.branch}"]
     words += [f"{k}={v}" for k, v in rest.items()]
     return " ".join(words)
 
@@ -248,19 +251,65 @@ def baseline_grid() -> list[Method]:
     return rows
 
 
-def policy_grid() -> list[Method]:
-    """The new dcfx policies of issue 16, one family per policy and scheduler; empty until their
-    config fields exist.
+def policy_grid(study: "Study", tasks_dir: Path) -> list[Method]:
+    """The dcfx policies of issue 16 on DPM-Solver++ 2M at branch 0, one family per policy, at
+    step counts whose costs bracket the budgets 5, 7, 10 and 14.
 
-    A family is one policy at several step counts whose costs bracket the budgets 5, 7, 10 and
-    14 (a shallow step costs about 0.09 at branch 0), e.g. for adaptive gating on one signal
-    `[Method("dpm++2m", s, DeepCacheConfig(branch=0, <its fields>), family="DPM-Solver++ 2M +
-    adaptive (<signal>)") for s in (8, 12, 18, 26)]`; likewise forecast (order 1 and 2), a
-    calibrated schedule per budget (`schedule=` the explicit full-step list `dcfx.calibrate`
-    gives, with `family=` set, since each list is its own config), and the same on "unipc".
-    Adaptive policies decide at run time: their cost is read from what each generation ran.
+    - forecast order 1 and 2 on uniform N=2 (a cost of about 0.55 T);
+    - calibrated schedules (`dcfx.calibrate` at each budget: the full steps it affords, placed
+      by dynamic programming), at T of about 1.6 and 2 times the budget, and the latter with a
+      forecast of order 1;
+    - adaptive gating on the "accumulated" and the "cut" signal, at thresholds chosen from
+      the signals' range on this model (their cost is what each generation ran).
+    Calibrations run on their own noise and labels (not the study's seeds) and are kept in
+    `tasks_dir/calibrations.json`, so the rows, and their finished tasks, stay the same.
     """
-    return []
+    rows = [Method("dpm++2m", s, DeepCacheConfig(interval=2, branch=0, forecast=order)) for order in (1, 2) for s in (9, 13, 18, 26)]
+    for factor, forecast in ((1.6, 0), (2.0, 0), (2.0, 1)):
+        family = f"DPM-Solver++ 2M + calibrated T={factor:g}B b=0" + (f" forecast {forecast}" if forecast else "")
+        for budget in BUDGETS:
+            steps = round(factor * budget)
+            schedule = calibrated_schedule(study, tasks_dir, "dpm++2m", steps, budget)
+            rows.append(Method("dpm++2m", steps, DeepCacheConfig(branch=0, schedule=schedule, forecast=forecast),
+                               label=f"DPM-Solver++ 2M {steps} + calibrated for {budget} b=0" + (f" forecast {forecast}" if forecast else ""),
+                               family=family))
+    for signal, threshold in (("accumulated", 0.15), ("cut", 0.3)):
+        rows += [Method("dpm++2m", s, DeepCacheConfig(branch=0, adaptive=signal, threshold=threshold, max_shallow=4))
+                 for s in (10, 14, 20, 28)]
+    return rows
+
+
+def calibrated_schedule(study: "Study", tasks_dir: Path, scheduler: str, steps: int, budget: float) -> tuple[int, ...]:
+    """`dcfx.calibrate`'s full steps for this scheduler, step count and budget (cached)."""
+    import dcfx
+
+    path = tasks_dir / "calibrations.json"
+    cache = json.loads(path.read_text()) if path.exists() else {}
+    key = f"{study.model_digest}:{scheduler}:{study.spacing}:{study.guidance}:{steps}:{budget}"
+    if key not in cache:
+        pipe = _pipeline(study.model)
+        pipe.scheduler = make_scheduler(scheduler, pipe._study_scheduler_config, study.spacing)
+        labels = [torch.arange(16) % 10] * 3  # three calibration generations of 16 samples
+        config = dcfx.calibrate(pipe, labels, budget=budget, num_inference_steps=steps, guidance_scale=study.guidance,
+                                generator=torch.Generator().manual_seed(1000))
+        cache[key] = {"schedule": list(config.schedule), "correlations": dict(config.calibration.correlations),
+                      "rescale": list(config.calibration.rescale)}
+        tasks_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cache, indent=1) + "\n")
+    return tuple(cache[key]["schedule"])
+
+
+def signal_correlations(tasks_dir: Path) -> dict[str, tuple[float, float]]:
+    """Each adaptive signal's Spearman correlation with the deep feature's true change, over
+    the calibrations the study ran (mean and spread), from `calibrations.json`."""
+    path = tasks_dir / "calibrations.json"
+    if not path.exists():
+        return {}
+    values: dict[str, list[float]] = {}
+    for record in json.loads(path.read_text()).values():
+        for name, value in record["correlations"].items():
+            values.setdefault(name, []).append(value)
+    return {n: (statistics.mean(v), statistics.pstdev(v)) for n, v in values.items()}
 
 
 def ddim50_grid(shallow_fraction: dict[int, float]) -> list[Method]:
@@ -655,6 +704,16 @@ def markdown(rows: list[Row], checks: dict, args: argparse.Namespace, study: Stu
         lines.append(f"| {s} | {c['psnr']:.1f} | {c['ssim']:.5f} | {c['min_psnr']:.1f} |")
     lines.append(f"| mean ± std | {_ms([checks[s]['psnr'] for s in seeds])} | "
                  f"{_ms([checks[s]['ssim'] for s in seeds], 5)} | {min(checks[s]['min_psnr'] for s in seeds):.1f} (min) |")
+    correlations = signal_correlations(args.tasks_dir)
+    if correlations:
+        lines += ["", "**Which adaptive signal predicts the deep feature's change**: Spearman rank correlation of "
+                  "each signal with the true relative L1 change of the cached deep feature, since a full step (gaps "
+                  "of 1-5 steps) and step to step, pooled over the steps of three calibration generations of 16 "
+                  "samples each (their own noise), mean ± spread over the calibrations the study ran "
+                  f"({len(json.loads((args.tasks_dir / 'calibrations.json').read_text()))}: DPM-Solver++ 2M at "
+                  "each calibrated row's step count).", "", "| signal | Spearman |", "|---|---:|"]
+        for name, (mean, spread) in sorted(correlations.items(), key=lambda kv: -kv[1][0]):
+            lines.append(f"| {name} | {mean:.3f} ± {spread:.3f} |")
 
     if any(r.method.scheduler == "ddim" for r in rows):
         lines += ["", "DDIM as the model ships it clips its prediction of the clean sample to [-1, 1] at every step "
@@ -860,7 +919,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.grid == "ddim50":
         methods += ddim50_grid(shallow_fractions(args.model, fraction_branches, args.guidance))
     elif args.grid == "budgets":
-        methods += baseline_grid() + policy_grid()
+        methods += baseline_grid() + policy_grid(study, args.tasks_dir)
     methods += args.method
     for m in list(methods):  # every dcfx row is judged against its plain sampler too
         if m.config is not None and m.plain not in methods:

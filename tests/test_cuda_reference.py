@@ -198,36 +198,20 @@ def test_compiled_fp16_matches_reference_cuda(model, mode):
 
 
 class _Replay:
-    """The README's recipe: one captured full and one captured shallow step, replayed by the
-    schedule; called like the U-Net (positional timestep, conditioning as captured)."""
+    """The README's recipe: `dcfx.cuda_graphs`, replayed step by step; called like the U-Net
+    (positional timestep, conditioning as captured)."""
 
     def __init__(self, fast, x, t, cond, num_steps):
-        self.fast, self.num_steps, self.step = fast, num_steps, 0
+        self.num_steps, self.step = num_steps, 0
         self.x, self.t = x.clone(), t.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.no_grad():  # warm up: capture, allocate the cache
-            for _ in range(2):
-                fast.begin()
-                fast(self.x, self.t, **cond)
-                fast(self.x, self.t, **cond)
-        torch.cuda.current_stream().wait_stream(side)
-        self.g_full, self.g_shallow = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        fast.begin()
-        with torch.no_grad():
-            with torch.cuda.graph(self.g_full):
-                self.eps_full = fast(self.x, self.t, **cond).sample
-            with torch.cuda.graph(self.g_shallow):
-                self.eps_shallow = fast(self.x, self.t, **cond).sample
-        assert fast.history[-1] == "FS"
+        self.graphs = dcfx.cuda_graphs(fast, self.x, self.t, **cond)
 
     def __call__(self, x, t, **cond):
         self.x.copy_(x)
         self.t.copy_(t)
-        full = self.fast.is_full_step(self.step, self.num_steps)
+        out = self.graphs.step(self.step, self.num_steps).sample.clone()
         self.step += 1
-        (self.g_full if full else self.g_shallow).replay()
-        return types.SimpleNamespace(sample=(self.eps_full if full else self.eps_shallow).clone())
+        return types.SimpleNamespace(sample=out)
 
 
 @pytest.mark.cuda

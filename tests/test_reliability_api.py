@@ -28,7 +28,6 @@ import logging
 import math
 import re
 import traceback
-import types
 import warnings
 from pathlib import Path
 
@@ -301,71 +300,6 @@ def readme_block(heading: str) -> str:
     return section.split("```python\n", 1)[1].split("\n```", 1)[0]
 
 
-class StandInGraph:
-    """A stand-in for `torch.cuda.CUDAGraph` on CPU: capture records the one U-Net call made in
-    it and keeps its output tensors; replay runs that call again on the same argument objects
-    (the static buffers) and writes the result into the captured output tensors in place,
-    as a replayed CUDA graph does. The runtime's Python state is not part of a real graph, so
-    a full-step replay begins a generation and a shallow one continues it; each replay checks
-    that the graph kind it captured ran again."""
-
-    def __init__(self):
-        self.call = None
-
-    @contextlib.contextmanager
-    def capture(self, optimized: list[DeepCacheUNet]):
-        (fast,) = optimized
-
-        def record(module, args, kwargs, output):
-            assert self.call is None, "one U-Net call per captured graph"
-            self.call = (args, kwargs, output, module.history[-1][-1])
-
-        handle = fast.register_forward_hook(record, with_kwargs=True)
-        try:
-            yield
-        finally:
-            handle.remove()
-        self.fast = fast
-
-    def replay(self):
-        args, kwargs, output, kind = self.call
-        if kind == "F":
-            self.fast.begin()
-        with torch.no_grad():
-            result = self.fast(*args, **kwargs)
-        assert self.fast.history[-1][-1] == kind, "the replay ran another graph than the captured one"
-        for static, new in zip(pytree.tree_leaves(output), pytree.tree_leaves(result)):
-            static.copy_(new)
-
-
-def stand_in_torch_and_dcfx():
-    """`torch` and `dcfx` as the recipe sees them on CPU: CUDA streams are no-ops, CUDA graphs
-    are `StandInGraph`s, and `dcfx.optimize` remembers the wrapper it made."""
-    optimized: list[DeepCacheUNet] = []
-
-    class Stream:
-        def wait_stream(self, other):
-            pass
-
-    cuda = types.SimpleNamespace(
-        Stream=Stream,
-        current_stream=Stream,
-        stream=lambda s: contextlib.nullcontext(),
-        CUDAGraph=StandInGraph,
-        graph=lambda g: g.capture(optimized),
-    )
-
-    class Torch:
-        def __getattr__(self, name):
-            return cuda if name == "cuda" else getattr(torch, name)
-
-    def optimize(*args, **kwargs):
-        optimized.append(dcfx.optimize(*args, **kwargs))
-        return optimized[-1]
-
-    return Torch(), types.SimpleNamespace(optimize=optimize, cuda_graphs=dcfx.cuda_graphs)
-
-
 RECIPE_SCHEDULERS = {
     "pndm": lambda: PNDMScheduler(steps_offset=1, skip_prk_steps=True),  # keeps past model outputs
     "euler": lambda: EulerDiscreteScheduler(steps_offset=1),  # fractional timesteps, scaled input
@@ -378,17 +312,15 @@ def recipe_unet(device: str) -> UNet2DConditionModel:
     return tiny_unet(seed=0).to(device)
 
 
-def run_recipe(recipe: str, kind: str, device: str, stand_in: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The recipe's final latents, and the same sampling loop run eagerly by dcfx."""
+def run_recipe(recipe: str, kind: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recipe's final latents, and the same sampling loop run eagerly by dcfx. On a CPU
+    `dcfx.cuda_graphs` runs the same steps uncaptured, each graph's outputs static as in a
+    replay (so a missing `.clone()` shows)."""
     unet = recipe_unet(device)
     latents, text = (t.to(device) for t in inputs(batch=2, seed=3))
     scheduler = RECIPE_SCHEDULERS[kind]()
     scheduler.set_timesteps(8, device=device)
-    namespace = dict(unet=unet, scheduler=scheduler, latents=latents, text=text)
-    if stand_in:
-        namespace["torch"], namespace["dcfx"] = stand_in_torch_and_dcfx()
-    else:
-        namespace["torch"], namespace["dcfx"] = torch, dcfx
+    namespace = dict(unet=unet, scheduler=scheduler, latents=latents, text=text, torch=torch, dcfx=dcfx)
     exec(compile(recipe, "README.md (CUDA graphs)", "exec"), namespace)
 
     # What the replayed graphs must compute: the same schedule, run without graphs.
@@ -405,15 +337,15 @@ def run_recipe(recipe: str, kind: str, device: str, stand_in: bool) -> tuple[tor
     return namespace["latents"], expected
 
 
-def assert_recipe_matches(recipe: str, kind: str, device: str, stand_in: bool) -> None:
-    got, expected = run_recipe(recipe, kind, device, stand_in)
+def assert_recipe_matches(recipe: str, kind: str, device: str) -> None:
+    got, expected = run_recipe(recipe, kind, device)
     err = ((got - expected).norm() / expected.norm()).item()
     assert err < 1e-5, f"the recipe's latents are {err:.1e} away from the eager loop's"
 
 
 @pytest.mark.parametrize("kind", sorted(RECIPE_SCHEDULERS))
 def test_readme_cuda_graph_recipe_as_written(kind):
-    assert_recipe_matches(readme_block("## CUDA graphs"), kind, "cpu", stand_in=True)
+    assert_recipe_matches(readme_block("## CUDA graphs"), kind, "cpu")
 
 
 # The issue's three faults, each put back into the recipe: the test above must catch them.
@@ -431,14 +363,14 @@ def test_readme_cuda_graph_recipe_faults_are_caught(fault):
     broken = inject(recipe)
     assert broken != recipe, f"the recipe no longer contains what {fault!r} removes"
     with pytest.raises(AssertionError, match="away from the eager loop"):
-        assert_recipe_matches(broken, kind, "cpu", stand_in=True)
+        assert_recipe_matches(broken, kind, "cpu")
 
 
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("kind", sorted(RECIPE_SCHEDULERS))
 def test_readme_cuda_graph_recipe_as_written_cuda(kind):
-    assert_recipe_matches(readme_block("## CUDA graphs"), kind, "cuda", stand_in=False)
+    assert_recipe_matches(readme_block("## CUDA graphs"), kind, "cuda")
 
 
 def test_history_keeps_the_current_generation_and_the_16_before_it(unet):
