@@ -71,6 +71,35 @@ class Policy:
             return True
         return None
 
+    def first_checked(self, state: dict[str, Any], index: int, num_steps: int | None) -> bool | None:
+        """`first`, after checking that the generation's step count is known where the
+        schedule needs it and fits a calibrated schedule."""
+        if self.needs_num_steps and num_steps is None:
+            raise RuntimeError(
+                "schedule='nonuniform' needs the number of steps of each generation: use "
+                "dcfx.enable(pipe, ...) with a pipeline, or call unet.begin(num_steps) before "
+                "each generation; or choose schedule='uniform' or an explicit list"
+            )
+        calibration = self.config.calibration
+        if index == 0:
+            self.check_steps(num_steps)
+        elif calibration is not None and index >= calibration.num_steps:
+            raise ValueError(
+                f"this schedule was calibrated for {calibration.num_steps} steps; this generation "
+                f"has more: calibrate for its step count"
+            )
+        return self.first(state, index, num_steps)
+
+    def check_steps(self, num_steps: int | None) -> None:
+        """Refuse a generation of `num_steps` steps (when known) that a calibrated schedule
+        was not fitted for."""
+        calibration = self.config.calibration
+        if calibration is not None and num_steps is not None and num_steps != calibration.num_steps:
+            raise ValueError(
+                f"this schedule was calibrated for {calibration.num_steps} steps "
+                f"({calibration.scheduler_name}); this generation has {num_steps}: calibrate for it"
+            )
+
     def decide(self, state: dict[str, Any], signal: float | None) -> bool:
         """The decision from the step's signal (None: not measurable yet, so full)."""
         if signal is None or not np.isfinite(signal):

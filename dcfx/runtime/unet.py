@@ -8,24 +8,23 @@ graphs, and keep what the next steps need in the stream's slot (`slots`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import weakref
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .. import compile as _compile
-from .._torch_private import profiler_enabled, pytree
+from .._torch_private import pytree
 from ..capture import CallBinder, FloatsNotLiftable
 from ..config import DeepCacheConfig
 from ..inspection import DeepCacheGraphs, graphs_of
-from ..policies import Policy, latent_change, relative_l1
+from ..policies import Policy
 from .graphs import Entry, GraphCache
-from .slots import keep_reference, keep_sample, store
+from .run import run_call
 from .spent import Spent, spent_of
-from .steps import Generation, Placement, StepTracker
+from .steps import Generation, StepTracker
 
 
 class DeepCacheUNet(nn.Module):
@@ -106,7 +105,7 @@ class DeepCacheUNet(nn.Module):
             raise ValueError(f"num_steps must be None or an integer >= 1, got {num_steps!r}")
         if num_steps is None and self._policy.needs_num_steps:
             raise ValueError("schedule='nonuniform' needs begin(num_steps), the generation's number of steps")
-        self._check_calibration(num_steps)
+        self._policy.check_steps(num_steps)
         self._steps.begin(num_steps)
 
     def is_full_step(self, step: int, num_steps: int | None = None) -> bool:
@@ -158,7 +157,7 @@ class DeepCacheUNet(nn.Module):
             place.step.log(True)
             return self.unet(*args, **kwargs)
         found, compiler = _compile.outer(self._outer)
-        outputs = self._run(entry, call, place, compiler if found else self._compiler)
+        outputs = run_call(entry, call, place, compiler if found else self._compiler, self._policy, self._observer)
         result = pytree.tree_unflatten(list(outputs), entry.out_spec)
         if not call.return_dict and hasattr(result, "to_tuple"):
             result = result.to_tuple()
@@ -173,77 +172,8 @@ class DeepCacheUNet(nn.Module):
             call = self._binder.bind(args, kwargs)
             return self._graphs.entry(call, exports), call
 
-    def _run(self, entry: Entry, call: Any, place: Placement, compiler: Any) -> tuple:
-        step, gen, stream = place.step, place.generation, place.stream
-        slot = stream.caches.get(entry)
-        valid = slot is not None and slot.generation == gen.index
-        adaptive, decide = self._policy.adaptive, step.full is None and place.first
-        inputs, boundary = call.tensors, ()
-        if entry.head:
-            boundary = self._graph(entry, "head", gen, compiler, inputs)
-            fresh = boundary[entry.skip_index]
-            if decide:
-                ok = valid and slot.reference_generation == gen.index
-                step.signal = float(relative_l1(fresh, slot.reference).item()) if ok else None  # the one read
-        elif adaptive == "latent" and decide:
-            ok = valid and slot.samples_generation == gen.index and slot.samples_seen >= 3
-            step.signal = float(latent_change(call.sample, slot.samples).item()) if ok else None  # the one read
-        if decide:
-            step.full = self._policy.decide(gen.state, step.signal)
-        full = step.full is not False or not valid
-        gen.counts["misses"] += full and step.full is False
-        if full:
-            kind = "rest" if entry.head else "full"
-            gen.counts[(entry.serial, kind)] += 1
-            with _range(entry.ranges[kind], entry.cuda):
-                outputs = entry.graphs[kind](compiler, *inputs, *boundary)
-                outputs, cached = outputs[: -entry.num_cached], outputs[-entry.num_cached :]
-                with _range("dcfx.cache_copy", entry.cuda):
-                    t = inputs[entry.timestep_index] if entry.timestep_index is not None else None
-                    slot = stream.caches[entry] = store(slot, cached, gen.index, entry.forecast, t)
-        else:
-            outputs = self._graph(entry, "tail" if entry.head else "shallow", gen, compiler, (*inputs, *boundary, *slot.inputs()))
-        if entry.head and (full or adaptive == "accumulated"):
-            keep_reference(slot, fresh, gen.index)
-        if self._observer is not None and full and entry.head:
-            self._observer(gen.index, stream, step.index, call.sample, cached[0], fresh)
-        if adaptive == "latent":
-            keep_sample(slot, call.sample, gen.index)
-        if place.first:
-            self._policy.record(gen.state, full)
-        step.log(full)
-        return outputs
-
-    @staticmethod
-    def _graph(entry: Entry, kind: str, gen: Generation, compiler: Any, inputs: tuple) -> tuple:
-        gen.counts[(entry.serial, kind)] += 1
-        with _range(entry.ranges[kind], entry.cuda):
-            return entry.graphs[kind](compiler, *inputs)
-
     def _first(self, gen: Generation, index: int) -> bool | None:
-        if self._policy.needs_num_steps and gen.num_steps is None:
-            raise RuntimeError(
-                "schedule='nonuniform' needs the number of steps of each generation: use "
-                "dcfx.enable(pipe, ...) with a pipeline, or call unet.begin(num_steps) before "
-                "each generation; or choose schedule='uniform' or an explicit list"
-            )
-        calibration = self._dc_config.calibration
-        if index == 0:
-            self._check_calibration(gen.num_steps)
-        elif calibration is not None and index >= calibration.num_steps:
-            raise ValueError(
-                f"this schedule was calibrated for {calibration.num_steps} steps; this generation "
-                f"has more: calibrate for its step count"
-            )
-        return self._policy.first(gen.state, index, gen.num_steps)
-
-    def _check_calibration(self, num_steps: int | None) -> None:
-        calibration = self._dc_config.calibration
-        if calibration is not None and num_steps is not None and num_steps != calibration.num_steps:
-            raise ValueError(
-                f"this schedule was calibrated for {calibration.num_steps} steps "
-                f"({calibration.scheduler_name}); this generation has {num_steps}: calibrate for it"
-            )
+        return self._policy.first_checked(gen.state, index, gen.num_steps)
 
     def extra_repr(self) -> str:
         c = self._dc_config
@@ -255,7 +185,7 @@ class DeepCacheUNet(nn.Module):
     def _plan(self, num_steps: int, valid: Callable[[], bool]) -> None:
         """A pipeline's scheduler announces a generation of `num_steps` steps (`dcfx.enable`);
         it ends after them or when `valid()` turns false. Per thread, like all generations."""
-        self._check_calibration(num_steps)
+        self._policy.check_steps(num_steps)
         self._steps.begin(num_steps, planned=True, valid=valid)
 
     def _awaits_planned_start(self) -> bool:
@@ -292,24 +222,3 @@ class DeepCacheUNet(nn.Module):
             if "unet" not in modules or name.startswith("_dc"):
                 raise
             return getattr(modules["unet"], name)
-
-
-def _range(name: str, cuda: bool) -> contextlib.AbstractContextManager:
-    """A profiler range (only while a profiler runs) and, on CUDA, an NVTX range, so traces and
-    Nsight timelines say which graph each step ran. Otherwise nothing (a shared no-op)."""
-    if not cuda and not profiler_enabled():
-        return _NO_RANGE
-    return _ranges(name, cuda)
-
-
-_NO_RANGE = contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _ranges(name: str, cuda: bool) -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        if profiler_enabled():
-            stack.enter_context(torch.profiler.record_function(name))
-        if cuda:
-            stack.enter_context(torch.cuda.nvtx.range(name))
-        yield
