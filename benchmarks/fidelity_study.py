@@ -87,18 +87,12 @@ import torch
 from tqdm.auto import tqdm
 
 from dcfx import DeepCacheConfig
+from dcfx.models.compare import SCHEDULERS, make_scheduler
 from dcfx.models.digits import DEFAULT_GUIDANCE_SCALE
 
 # Bump when a change alters what a task computes: finished tasks of older versions are ignored.
 TASK_VERSION = 1
 
-# name -> (display name, diffusers scheduler class name, overrides of the model's DDIM config)
-SCHEDULERS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "ddim": ("DDIM", "DDIMScheduler", {}),
-    "ddim-noclip": ("DDIM no-clip", "DDIMScheduler", {"clip_sample": False}),
-    "dpm++2m": ("DPM-Solver++ 2M", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "unipc": ("UniPC", "UniPCMultistepScheduler", {}),
-}
 SPACINGS = ("leading", "trailing", "linspace")
 BUDGETS = (5, 7, 10, 14)
 
@@ -255,16 +249,26 @@ def policy_grid(study: "Study", tasks_dir: Path) -> list[Method]:
     """The dcfx policies of issue 16 on DPM-Solver++ 2M at branch 0, one family per policy, at
     step counts whose costs bracket the budgets 5, 7, 10 and 14.
 
-    - forecast order 1 and 2 on uniform N=2 (a cost of about 0.55 T);
+    - forecast order 1 and 2 on uniform N=2 (a cost of about 0.55 T) and N=3 (about 0.39 T),
+      and order 1 on UniPC;
     - calibrated schedules (`dcfx.calibrate` at each budget: the full steps it affords, placed
       by dynamic programming), at T of about 1.6 and 2 times the budget, and the latter with a
       forecast of order 1;
     - adaptive gating on the "accumulated" and the "cut" signal, at thresholds chosen from
-      the signals' range on this model (their cost is what each generation ran).
+      the signals' range on this model (their cost is what each generation ran), and "cut"
+      with a forecast of order 1.
     Calibrations run on their own noise and labels (not the study's seeds) and are kept in
     `tasks_dir/calibrations.json`, so the rows, and their finished tasks, stay the same.
     """
-    rows = [Method("dpm++2m", s, DeepCacheConfig(interval=2, branch=0, forecast=order)) for order in (1, 2) for s in (9, 13, 18, 26)]
+    # Forecasts on uniform schedules: N=2 (about 0.55 T) and N=3 (about 0.39 T), on DPM-Solver++
+    # 2M, and N=2 order 1 on UniPC.
+    # Step counts that end the schedule on a full step and on a shallow one (T - 1 a multiple of
+    # N or not), which matters to a forecast (a shallow last step extrapolates furthest).
+    rows = [Method("dpm++2m", s, DeepCacheConfig(interval=2, branch=0, forecast=order))
+            for order in (1, 2) for s in (7, 8, 9, 11, 13, 15, 18, 21, 24, 26)]
+    rows += [Method("dpm++2m", s, DeepCacheConfig(interval=3, branch=0, forecast=order))
+             for order in (1, 2) for s in (10, 13, 16, 18, 22, 25, 28, 31, 34, 36)]
+    rows += [Method("unipc", s, DeepCacheConfig(interval=2, branch=0, forecast=1)) for s in (7, 9, 13, 18, 26)]
     for factor, forecast in ((1.6, 0), (2.0, 0), (2.0, 1)):
         family = f"DPM-Solver++ 2M + calibrated T={factor:g}B b=0" + (f" forecast {forecast}" if forecast else "")
         for budget in BUDGETS:
@@ -273,8 +277,8 @@ def policy_grid(study: "Study", tasks_dir: Path) -> list[Method]:
             rows.append(Method("dpm++2m", steps, DeepCacheConfig(branch=0, schedule=schedule, forecast=forecast),
                                label=f"DPM-Solver++ 2M {steps} + calibrated for {budget} b=0" + (f" forecast {forecast}" if forecast else ""),
                                family=family))
-    for signal, threshold in (("accumulated", 0.15), ("cut", 0.3)):
-        rows += [Method("dpm++2m", s, DeepCacheConfig(branch=0, adaptive=signal, threshold=threshold, max_shallow=4))
+    for signal, threshold, forecast in (("accumulated", 0.15, 0), ("cut", 0.3, 0), ("cut", 0.15, 1)):
+        rows += [Method("dpm++2m", s, DeepCacheConfig(branch=0, adaptive=signal, threshold=threshold, max_shallow=4, forecast=forecast))
                  for s in (10, 14, 20, 28)]
     return rows
 
@@ -375,14 +379,6 @@ def _pipeline(path: str | None) -> Any:
         pipe._study_scheduler_config = dict(pipe.scheduler.config)
         _PIPELINES[path] = pipe
     return _PIPELINES[path]
-
-
-def make_scheduler(name: str, base_config: dict, spacing: str) -> Any:
-    import diffusers
-
-    _, cls_name, overrides = SCHEDULERS[name]
-    cls = getattr(diffusers, cls_name)
-    return cls.from_config(base_config, timestep_spacing=spacing, **overrides)
 
 
 def run_task(study: Study, method: Method, seed: int) -> dict[str, Any]:

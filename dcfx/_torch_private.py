@@ -1,9 +1,9 @@
 """Every private torch API dcfx relies on, in one module.
 
-dcfx supports torch 2.11-2.13. Each item below was checked by running it on torch 2.13.0,
-the only version this project's machines can install; on 2.11 and 2.12 it has not been
-run. `tests/test_torch_private.py` exercises every item and fails with a message that names
-it, so a torch release that moves or changes one shows up there, not as a wrong result.
+dcfx supports torch 2.11-2.13. `tests/test_torch_private.py` exercises every item and fails
+with a message that names it, so a torch release that moves or changes one shows up there,
+not as a wrong result; it has run on torch 2.13.0 (the CPU machines). The H200 runs used
+torch 2.11.0, where items 7-9 ran inside the CUDA tests; 2.12 has not been run.
 
 Each item says why no public API does the job. The items:
 
@@ -41,6 +41,10 @@ Each item says why no public API does the job. The items:
 9. Whether a profiler is recording (`torch.autograd._profiler_enabled`): the runtime enters
    its per-step `record_function` ranges only then, so they cost nothing otherwise. torch
    has no public query.
+10. An operator overload's schema (`torch._ops.OpOverload`, its `_schema` and `_overloadname`): which aten
+   operators in an exported graph write into their first argument (FreeU's in-place slice
+   writes), and their out-of-place twins, so that `passes/functional.py` can rewrite them out of the graph. torch's public
+   functionalization runs at trace time, not on an existing FX graph.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ __all__ = [
     "cpu_has",
     "enclosing_compile_wrapper",
     "export_assert_op",
+    "out_of_place",
     "in_place_compile_backend",
     "load_aoti_model",
     "package_pt2",
@@ -70,6 +75,7 @@ __all__ = [
     "tensor_version",
     "unwrap_compiled",
     "wrapper_backend",
+    "writes_first_argument",
 ]
 
 # -- 1. torch.compile's module wrapper --------------------------------------------------------
@@ -212,3 +218,25 @@ def tensor_version(x: Any) -> int | None:
 def profiler_enabled() -> bool:
     """Whether a torch profiler is recording now."""
     return torch.autograd._profiler_enabled()
+
+
+# -- 10. an operator's schema ------------------------------------------------------------------
+
+
+def writes_first_argument(target: Any) -> bool:
+    """Whether `target` (an FX node's target) is an aten overload that writes into its first
+    argument in place (`add_`, `copy_`, a slice assignment's `copy_`)."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    schema = target._schema
+    if not schema.is_mutable or not schema.arguments:
+        return False
+    alias = schema.arguments[0].alias_info
+    return alias is not None and alias.is_write
+
+
+def out_of_place(target: Any) -> Any:
+    """The out-of-place overload of an in-place aten overload (`aten.add_.Tensor` ->
+    `aten.add.Tensor`)."""
+    name = target._schema.name.split("::")[-1].rstrip("_")
+    return getattr(getattr(torch.ops.aten, name), target._overloadname)

@@ -36,6 +36,7 @@ class BranchReport:
     shallow_nodes: int
     num_steps: int
     num_full_steps: int
+    cached_bytes: int = 0  # kept per call slot between steps: the feature (and a forecast's history), statistics
 
     @property
     def shallow_fraction(self) -> float:
@@ -67,7 +68,7 @@ class Report:
             f"dcfx report: {self.model}, {self.num_skips} skip connections (branches 0..{self.num_skips - 1}); "
             f"schedule {schedule}, interval {c.interval}, {self.num_steps} steps ({full} full)"
         )
-        cols = ("branch", "full GFLOPs", "shallow GFLOPs", "shallow/full", "speedup bound", "nodes full", "nodes shallow")
+        cols = ("branch", "full GFLOPs", "shallow GFLOPs", "shallow/full", "speedup bound", "cache MiB", "nodes full", "nodes shallow")
         rows = [
             (
                 str(r.branch),
@@ -75,6 +76,7 @@ class Report:
                 f"{r.shallow_flops / 1e9:.3f}",
                 f"{100 * r.shallow_fraction:.1f}%",
                 f"{r.speedup_bound:.2f}x",
+                f"{r.cached_bytes / 2**20:.2f}",
                 str(r.full_nodes),
                 str(r.shallow_nodes),
             )
@@ -97,8 +99,9 @@ def report(
 
     `args`/`kwargs` are one example call of the U-Net (meta tensors with a meta-device
     U-Net count without computing). `config` (default: a `DeepCacheUNet`'s own, else
-    `DeepCacheConfig()`) gives the schedule for the bound over `num_steps` steps and whether
-    the cut is fused (as the runtime would run it).
+    `DeepCacheConfig()`) gives the schedule for the bound over `num_steps` steps, whether
+    the cut is fused (as the runtime would run it), and the forecast order, which adds one
+    cached feature per order to the memory a call slot keeps (`cached_bytes`, "cache MiB").
     """
     if isinstance(unet, DeepCacheUNet):
         config = config or unet.deepcache_config
@@ -120,9 +123,22 @@ def report(
             full, shallow = deepcache_graphs(gm, b, fuse)  # validates b
             full_flops, outputs = _count(full, call.tensors)
             cached = full.meta.get(CACHED_OUTPUTS, 1)
-            shallow_flops, _ = _count(shallow, (*call.tensors, *outputs[-cached:]))
-            rows.append(BranchReport(b, full_flops, shallow_flops, operator_count(full.graph), operator_count(shallow.graph), num_steps, num_full))
+            kept = outputs[-cached:]
+            shallow_flops, _ = _count(shallow, (*call.tensors, *kept))
+            rows.append(BranchReport(b, full_flops, shallow_flops, operator_count(full.graph), operator_count(shallow.graph),
+                                     num_steps, num_full, _cached_bytes(kept, config.forecast)))
     return Report(type(unet).__name__, num_skips, config, num_steps, tuple(rows))
+
+
+def _cached_bytes(kept: Sequence[torch.Tensor], forecast: int) -> int:
+    """What a call slot keeps, as the runtime keeps it: the full graph's cached outputs (the
+    feature first, then the statistics the fuse pass hoists); with a forecast of order k, the
+    feature, k earlier ones and k + 2 float32 timesteps (no statistics: the forecast feature
+    is new at every step)."""
+    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+    if forecast:
+        return (1 + forecast) * nbytes(kept[0]) + 4 * (forecast + 2)
+    return sum(nbytes(t) for t in kept)
 
 
 def _count(gm: fx.GraphModule, inputs: tuple) -> tuple[int, tuple]:

@@ -134,11 +134,13 @@ def test_demo_prints_the_table_and_writes_the_grid(tmp_path, capsys, digits_judg
     assert demo_cmd.check_output(grid, force=False) == f"replacing {grid}, written by an earlier demo"
 
 
-def test_demo_runs_a_plain_diffusers_unet_folder(model_folder, tmp_path, capsys):
-    assert main(["demo", "--model", str(model_folder), "--samples", "2", "--steps", "4", "--settings", "2:1",
-                 "--no-matched", "--out", str(tmp_path / "g.png"), "--threads", "1"]) == 0
+def test_demo_runs_a_plain_diffusers_unet_folder_with_another_scheduler(model_folder, tmp_path, capsys):
+    assert main(["demo", "--model", str(model_folder), "--samples", "2", "--steps", "4", "--settings", "2:1:f1",
+                 "--scheduler", "unipc", "--no-matched", "--out", str(tmp_path / "g.png"), "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "PSNR dB" in out and "accuracy" not in out  # no judge for a foreign model
+    rows = [line.split("  ")[0] for line in out.splitlines() if line.startswith(("UniPC", "dcfx N"))]
+    assert rows == ["UniPC 4", "dcfx N=2 b=1 forecast 1"] and "UniPC 4 steps" in out
 
 
 @pytest.mark.parametrize(

@@ -724,3 +724,15 @@ def test_variadic_forward_is_rejected():
 
     with pytest.raises(TypeError, match=r"names its parameters.*\*args, \*\*kwargs"):
         dcfx.optimize(Wrapper())
+
+
+@pytest.mark.parametrize("forecast", [0, 2])
+def test_report_cache_memory_is_what_the_runtime_keeps(unet, inputs, forecast):
+    x, e = inputs
+    config = DeepCacheConfig(interval=3, branch=1, forecast=forecast)
+    rep = dcfx.report(unet, x, torch.tensor([900]), encoder_hidden_states=e, config=config, branches=[1])
+    cut = dcfx.optimize(unet, config).graphs(x, torch.tensor([900]), encoder_hidden_states=e).cut
+    feature = cut.cached[0].nbytes
+    assert rep.branches[0].cached_bytes == cut.cached_bytes
+    assert sum(c.nbytes for c in cut.cached if c.name.startswith("deepcache_feature")) >= (1 + forecast) * feature
+    assert f"{cut.cached_bytes / 2**20:.2f}" in str(rep).splitlines()[3]

@@ -200,3 +200,15 @@ def test_item_9_profiler_enabled():
     assert private.profiler_enabled() is False, broken("9", "torch.autograd._profiler_enabled is True with no profiler")
     with torch.profiler.profile():
         assert private.profiler_enabled() is True, broken("9", "torch.autograd._profiler_enabled misses a running profiler")
+
+
+def test_item_10_operator_schema():
+    aten = torch.ops.aten
+    assert private.writes_first_argument(aten.add_.Tensor) and private.writes_first_argument(aten.copy_.default), broken(
+        "10", "torch._ops.OpOverload._schema no longer marks in-place writes into the first argument"
+    )
+    assert not private.writes_first_argument(aten.add.Tensor) and not private.writes_first_argument(torch.add)
+    assert not private.writes_first_argument(aten.slice_scatter.default)
+    assert private.out_of_place(aten.add_.Tensor) is aten.add.Tensor and private.out_of_place(aten.mul_.Scalar) is aten.mul.Scalar, broken(
+        "10", "an in-place overload's schema name or overload name no longer leads to its out-of-place twin"
+    )

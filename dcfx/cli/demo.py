@@ -1,7 +1,8 @@
 """`dcfx demo`: DeepCache on a trained model, quality and time side by side.
 
-Samples the same noise with plain DDIM, with dcfx at a few (interval, branch) settings, and
-with plain DDIM at fewer steps costing about the same FLOPs as each dcfx setting; prints one
+Samples the same noise with plain DDIM (or `--scheduler`: DPM-Solver++ 2M, UniPC), with dcfx
+at a few settings (fixed schedules, forecasts, adaptive gates), and with the plain sampler at
+fewer steps costing about the same FLOPs as each dcfx setting; prints one
 table (wall time, speedup in this run, FLOPs ratio from `dcfx.report`, class accuracy,
 Fréchet distance to held-out digits, PSNR against the plain samples) and writes a PNG grid,
 one row per setting.
@@ -26,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models import digits, load_pipeline
-from ..models.compare import Result, Sampler, Setting, evaluate, matched_ddim
+from ..models.compare import SCHEDULERS, Result, Sampler, Setting, evaluate, make_scheduler, matched_ddim
 from ..config import SIGNALS
 from ..models.digits import DEFAULT_GUIDANCE_SCALE
 from ..models.quality import judge as make_judge
@@ -144,18 +145,21 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     return "\n".join([line(heads), line(["-" * wd for wd in widths]), *map(line, cells)])
 
 
-DEFAULT_SETTINGS = ("3:0", "5:0", "3:2", "cut:0")
+DEFAULT_SETTINGS = ("3:0", "5:0", "2:0", "2:0:f1")  # 2:0:f1: the fidelity study's best policy
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a local digits or diffusers U-Net folder (default: the embedded digits model)")
     p.add_argument("--samples", type=int, default=40, help="samples per setting (same noise for all)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps of the plain reference and of dcfx")
+    p.add_argument("--steps", type=int, default=50, help="steps of the plain reference and of dcfx")
+    p.add_argument("--scheduler", choices=list(SCHEDULERS), default="ddim",
+                   help="the sampler: the model's own DDIM (default), or another with 'trailing' timestep spacing "
+                        "(dpm++2m and unipc are the strong few-step solvers)")
     p.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), metavar="SETTING",
                    help=f"dcfx settings, each {SETTING_FORMS} (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (digits default 1.5; 1 = off)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-matched", action="store_true", help="skip the fewer-step DDIM rows")
+    p.add_argument("--no-matched", action="store_true", help="skip the fewer-step plain rows")
     p.add_argument("--out", type=Path, default=Path("dcfx_demo.png"), help="PNG grid to write (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="overwrite --out even if the demo did not write it")
     p.add_argument("--columns", type=int, default=20, help="samples per row in the grid")
@@ -177,8 +181,15 @@ def run(args: argparse.Namespace) -> str:
         model.set_progress_bar_config(disable=True)
     guidance = args.guidance if args.guidance is not None else (DEFAULT_GUIDANCE_SCALE if is_digits else 1.0)
     judge = make_judge() if is_digits else None
-    sampler = Sampler(model, args.samples, args.seed, guidance)
-    plain = Setting.plain(args.steps)
+    sampler_name = SCHEDULERS[args.scheduler][0]
+    scheduler = None
+    if args.scheduler != "ddim":  # "ddim": the model's scheduler as it ships
+        base = model.scheduler.config if is_digits else {}
+        scheduler = make_scheduler(args.scheduler, base, "trailing")
+        if is_digits:
+            model.scheduler = scheduler
+    sampler = Sampler(model, args.samples, args.seed, guidance, scheduler)
+    plain = Setting.plain(args.steps, sampler_name)
     base_flops = sampler.flops(plain)
     results: list[Result] = []
     done: set[Setting] = set()
@@ -197,7 +208,7 @@ def run(args: argparse.Namespace) -> str:
     for s in settings:
         r = run_one(s)
         if not args.no_matched:
-            m = matched_ddim(sampler, s, args.steps, r.history)
+            m = matched_ddim(sampler, s, args.steps, r.history, sampler_name)
             if m not in done:
                 run_one(m)
     progress.close()
@@ -223,8 +234,8 @@ def run(args: argparse.Namespace) -> str:
         columns = [c for c in columns if c[0] not in ("accuracy", "frechet")]
     head = (
         f"dcfx demo: {'digits model' if args.model is None else args.model}, {args.samples} samples, "
-        f"DDIM {args.steps} steps, guidance {guidance:g}, seed {args.seed}, torch threads {torch.get_num_threads()}; "
-        f"speedups from this one run; FLOPs relative to DDIM {args.steps}"
+        f"{sampler_name} {args.steps} steps, guidance {guidance:g}, seed {args.seed}, torch threads {torch.get_num_threads()}; "
+        f"speedups from this one run; FLOPs relative to {sampler_name} {args.steps}"
     )
     if judge is not None:
         head += f"; judge accuracy on held-out digits {100 * judge.test_accuracy:.1f}%"

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 
+from .._torch_private import pytree
 from ..api import optimize
 from ..config import DeepCacheConfig
 from ..inspection import _human_bytes

@@ -23,18 +23,37 @@ from ..report import report
 from ..schedule import StepSchedule
 from .quality import psnr
 
+# name -> (display name, diffusers scheduler class name, overrides of the model's DDIM config)
+SCHEDULERS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "ddim": ("DDIM", "DDIMScheduler", {}),
+    "ddim-noclip": ("DDIM no-clip", "DDIMScheduler", {"clip_sample": False}),
+    "dpm++2m": ("DPM-Solver++ 2M", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "unipc": ("UniPC", "UniPCMultistepScheduler", {}),
+}
+
+
+def make_scheduler(name: str, base_config: Any, spacing: str) -> Any:
+    """A new scheduler `name` (a key of SCHEDULERS) from a model's scheduler config, with that
+    timestep spacing."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; one of {', '.join(SCHEDULERS)}")
+    _, cls_name, overrides = SCHEDULERS[name]
+    return getattr(diffusers, cls_name).from_config(base_config, timestep_spacing=spacing, **overrides)
+
 
 @dataclass(frozen=True)
 class Setting:
-    """One way of sampling: plain DDIM (`config=None`) or dcfx with `config`, at `steps`."""
+    """One way of sampling: the plain sampler (`config=None`) or dcfx with `config`, at `steps`."""
 
     name: str
     steps: int
     config: DeepCacheConfig | None = None
 
     @staticmethod
-    def plain(steps: int) -> "Setting":
-        return Setting(f"DDIM {steps}", steps)
+    def plain(steps: int, sampler: str = "DDIM") -> "Setting":
+        return Setting(f"{sampler} {steps}", steps)
 
     @staticmethod
     def dcfx(steps: int, interval: int, branch: int, schedule: str = "uniform", forecast: int = 0) -> "Setting":
@@ -156,12 +175,13 @@ class Sampler:
         return x, (unet.history[-1] if setting.config is not None else "F" * steps)
 
 
-def matched_ddim(sampler: Sampler, setting: Setting, reference_steps: int, history: str | None = None) -> Setting:
-    """Plain DDIM with the step count whose FLOPs are closest to `setting`'s (an adaptive
-    setting's as it ran: `history`)."""
+def matched_ddim(sampler: Sampler, setting: Setting, reference_steps: int, history: str | None = None,
+                 name: str = "DDIM") -> Setting:
+    """The plain sampler (DDIM unless `name` says otherwise) with the step count whose FLOPs
+    are closest to `setting`'s (an adaptive setting's as it ran: `history`)."""
     full = sampler.flops(Setting.plain(1))
     steps = max(1, round(sampler.flops(setting, history) / full))
-    return Setting.plain(min(steps, reference_steps))
+    return Setting.plain(min(steps, reference_steps), name)
 
 
 def evaluate(images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor, judge: Any | None) -> dict[str, float]:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from .._torch_private import out_of_place, writes_first_argument
+
 aten = torch.ops.aten
 _VIEWS = {aten.slice.Tensor: aten.slice_scatter.default, aten.select.int: aten.select_scatter.default}
 
@@ -31,11 +33,7 @@ def remove_mutations(gm: fx.GraphModule) -> int:
     order = {n: i for i, n in enumerate(graph.nodes)}
     removed = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-            continue
-        schema = node.target._schema
-        if not schema.is_mutable or not schema.arguments or schema.arguments[0].alias_info is None \
-                or not schema.arguments[0].alias_info.is_write:
+        if node.op != "call_function" or not writes_first_argument(node.target):
             continue
         view = node.args[0]
         chain = _view_chain(view)
@@ -94,9 +92,7 @@ def _functional_value(graph: fx.Graph, node: fx.Node, view: fx.Node) -> fx.Node:
             _meta(cast, node, view)
             return graph.call_function(aten.expand.default, (cast, list(val.shape)))
         return src
-    name = node.target._schema.name.split("::")[-1].rstrip("_")
-    functional = getattr(getattr(aten, name), node.target._overloadname)
-    return graph.call_function(functional, node.args, node.kwargs)
+    return graph.call_function(out_of_place(node.target), node.args, node.kwargs)
 
 
 def _check_no_stale_views(base: fx.Node, write: fx.Node, order: dict[fx.Node, int]) -> None:
