@@ -108,10 +108,12 @@ def run(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:
         print("dcfx serve: stopping", file=sys.stderr, flush=True)
     finally:
-        if args.address is None:
-            ray_serve.shutdown()
-        elif deployed:
+        if args.address is not None and deployed:
             ray_serve.delete(APP_NAME)  # other applications on the cluster keep running
+        # A local cluster ends with its processes: ray.shutdown() stops them all. Serve's
+        # graceful shutdown is skipped there: a terminal's Ctrl-C reaches the whole process
+        # group, Serve's controller and replicas included, and waiting on them to drain could
+        # stall for minutes on a loaded machine (seen once in the suite).
         ray.shutdown()
 
 
