@@ -90,8 +90,8 @@ class Server:
                     self.url = line.split()[2]
         return self.url
 
-    def stderr_tail(self) -> str:
-        return "".join(line for line in self.errors[-30:] if line)
+    def stderr_tail(self, lines: int = 80) -> str:
+        return "".join(line for line in self.errors[-lines:] if line)
 
     def session_processes(self) -> list[str]:
         out = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True).stdout
@@ -337,7 +337,13 @@ def test_bad_requests_get_a_400_naming_the_problem(url):
 
 def test_ctrl_c_stops_the_deployment_and_the_local_cluster(server, url):
     os.killpg(server.process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
-    assert server.process.wait(timeout=90) == 0, server.stderr_tail()
+    try:
+        code = server.process.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.kill(server.process.pid, signal.SIGUSR1)  # dcfx serve dumps its threads' stacks
+        time.sleep(2)
+        pytest.fail(f"dcfx serve did not stop within 90 s of Ctrl-C; its stderr:\n{server.stderr_tail()}")
+    assert code == 0, server.stderr_tail()
     assert "dcfx serve: stopping" in server.stderr_tail()
     deadline = time.monotonic() + 30
     while server.session_processes() and time.monotonic() < deadline:

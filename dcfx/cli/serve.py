@@ -13,6 +13,7 @@ Needs Ray Serve: pip install "dcfx[serve]".
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import signal
 import sys
 from pathlib import Path
@@ -74,13 +75,24 @@ def run(args: argparse.Namespace) -> None:
         num_gpus=args.gpus_per_replica,
         threads=args.threads,
     )
-    # Ctrl-C and SIGTERM both end the wait below and run the clean-up.
+    # Ctrl-C and SIGTERM both end the wait below and run the clean-up, also where this process
+    # was started with SIGINT ignored (a parent's disposition is inherited: Python then installs
+    # no handler of its own). SIGUSR1 dumps every thread's stack to stderr, for a stop that hangs.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     if args.address is None:
         # "local": a new cluster, never one that `ray start` or RAY_ADDRESS points to (Ctrl-C
-        # shuts the whole of it down).
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+        # shuts the whole of it down). Its processes start with SIGINT ignored (they inherit
+        # it): a terminal's Ctrl-C reaches the whole process group, and a raylet or GCS killed
+        # by it leaves this driver's shutdown waiting on them for minutes. This process alone
+        # handles Ctrl-C and then stops the cluster.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     else:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         ray.init(address=args.address)
     deployed = False
     try:
@@ -110,10 +122,8 @@ def run(args: argparse.Namespace) -> None:
     finally:
         if args.address is not None and deployed:
             ray_serve.delete(APP_NAME)  # other applications on the cluster keep running
-        # A local cluster ends with its processes: ray.shutdown() stops them all. Serve's
-        # graceful shutdown is skipped there: a terminal's Ctrl-C reaches the whole process
-        # group, Serve's controller and replicas included, and waiting on them to drain could
-        # stall for minutes on a loaded machine (seen once in the suite).
+        # A local cluster ends with its processes: ray.shutdown() stops them all (Serve's
+        # graceful drain adds seconds and nothing a stopped cluster keeps).
         ray.shutdown()
 
 
