@@ -173,14 +173,19 @@ def _with_boundary_inputs(gm: fx.GraphModule, names: list[str], before: str | No
     return finish_graph(gm, graph)
 
 
-def _descendants(node: fx.Node) -> set[fx.Node]:
+def _reachable(node: fx.Node, step) -> set[fx.Node]:
+    """Every node reached from `node` (not itself) through `step` (a node's users or inputs)."""
     seen, stack = set(), [node]
     while stack:
-        for u in stack.pop().users:
-            if u not in seen:
-                seen.add(u)
-                stack.append(u)
+        for n in step(stack.pop()):
+            if n not in seen:
+                seen.add(n)
+                stack.append(n)
     return seen
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    return _reachable(node, lambda n: n.users)
 
 
 def _full_graph(gm: fx.GraphModule, hidden: fx.Node) -> fx.GraphModule:
@@ -262,13 +267,7 @@ def _skip_source(skip: fx.Node, hidden_ancestors: set[fx.Node], order: dict[fx.N
 
 
 def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, stack = set(), [node]
-    while stack:
-        for i in stack.pop().all_input_nodes:
-            if i not in seen:
-                seen.add(i)
-                stack.append(i)
-    return seen
+    return _reachable(node, lambda n: n.all_input_nodes)
 
 
 def _shape(node: fx.Node) -> tuple | None:
