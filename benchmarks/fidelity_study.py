@@ -54,7 +54,9 @@ images are the same bit for bit wherever it runs. Finished tasks are kept under 
 (default: OUT_DIR/fidelity_tasks, one .npz each, named by a hash of everything that decides its
 images), and a re-run skips them. `--ray` runs the pending tasks as Ray tasks (`--threads` CPUs
 each) on a new local Ray instance (never one that another process started here), `--ray ADDRESS`
-on a running cluster (whose workers need dcfx installed); Ray is imported only then. Ray lowers
+on a running cluster, whose workers need dcfx installed (`dcfx serve` prints its local
+cluster's address; with Ray's token authentication, on for a new cluster, a job joining by
+address needs RAY_AUTH_MODE=token in its environment). Ray is imported only then. Ray lowers
 its workers' priority (`RAY_worker_niceness`, default 15).
 
 Writes OUT_DIR/NAME.md (the tables), NAME.csv (one row per method and seed) and NAME.png (the

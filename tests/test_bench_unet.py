@@ -1,29 +1,14 @@
 """benchmarks/bench_unet.py end to end on a tiny saved U-Net: one CSV and markdown row per variant."""
 
 import csv
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
+from _benchmarks import script
 from _tiny_unet import tiny_unet
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_unet.py"
-
-
-def _bench_module():
-    # benchmarks/ is not a package: load the script as a module (registered, as dataclasses
-    # look their module up in sys.modules).
-    if "bench_unet" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_unet", BENCH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_unet"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["bench_unet"]
 
 
 def test_bench_unet_writes_one_row_per_variant(tmp_path, capsys):
-    bench = _bench_module()
+    bench = script("bench_unet")
     model = tmp_path / "unet"
     tiny_unet().save_pretrained(model)  # also covers --model with a U-Net folder
     csv_path, md_path = tmp_path / "out" / "r.csv", tmp_path / "out" / "r.md"
@@ -61,12 +46,12 @@ def test_bench_unet_writes_one_row_per_variant(tmp_path, capsys):
 )
 def test_bench_unet_refuses_bad_settings(argv, message, capsys):
     with pytest.raises(SystemExit):
-        _bench_module().parse_args(argv)
+        script("bench_unet").parse_args(argv)
     assert message in capsys.readouterr().err
 
 
 def test_a_partial_or_differently_compiled_run_never_writes_over_the_full_table(tmp_path):
-    bench = _bench_module()
+    bench = script("bench_unet")
     device = bench.torch.device("cpu")
     readme_run = ["--arch", "sd15", "--resolution", "32", "--batch", "1", "--steps", "10", "--interval", "3",
                   "--branch", "0", "--device", "cpu", "--repeats", "3"]

@@ -1,33 +1,17 @@
-"""benchmarks/fidelity_study.py: methods as data, cost from history, resumption, and the Ray path
-giving the serial path's images bit for bit (tiny grids: two samples, a few steps)."""
+"""benchmarks/fidelity_study.py: methods as data, cost from history and resumption (tiny grids:
+two samples, a few steps). Its Ray path runs in tests/test_serve.py, on dcfx serve's cluster.
+"""
 
-import importlib.util
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 
+from _benchmarks import script, tiny_study as _study
 from dcfx import DeepCacheConfig
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity_study.py"
-
-
-def _load_study():
-    spec = importlib.util.spec_from_file_location("fidelity_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fidelity_study"] = module  # Ray pickles the task function by value from here
-    spec.loader.exec_module(module)
-    return module
-
-
-fs = _load_study()
+fs = script("fidelity_study")
 Method = fs.Method
-
-
-def _study(**changes):
-    fields = dict(samples=2, guidance=1.5, spacing="trailing", threads=1, model=None, model_digest=fs.model_digest(None))
-    return fs.Study(**{**fields, **changes})
 
 
 # Each kind of task once, two seeds: one worker may run several, in any order.
@@ -101,22 +85,6 @@ def test_serial_run_resumes_from_finished_tasks(serial, tmp_path, monkeypatch):
     assert len({s.task_key(*TASKS[0]) for s in (study, _study(threads=2), _study(spacing="leading"), _study(samples=3))}) == 4
 
 
-def test_ray_path_equals_serial_path_bit_for_bit(serial, tmp_path):
-    pytest.importorskip("ray")
-    study, folder = serial
-    # A plain and a dcfx task (each of the two Ray workers takes one), the rest finished.
-    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
-    for task in TASKS[:2]:
-        fs.task_path(tmp_path, study.task_key(*task)).unlink()
-    assert fs.execute(study, TASKS, tmp_path, ray_address="") == 2
-    expected, ray = _finished(study, folder), _finished(study, tmp_path)
-    for key in (study.task_key(*task) for task in TASKS[:2]):
-        assert ray[key]["history"] == expected[key]["history"]
-        assert ray[key]["images"].tobytes() == expected[key]["images"].tobytes(), ray[key]["label"]
-    # Resuming on the Ray path: nothing is pending, so Ray is not even started.
-    assert fs.execute(study, TASKS, tmp_path, ray_address="") == 0
-
-
 class _Judge:
     """Stands in for the digits judge (which trains for seconds): the study's arithmetic is tested."""
 
@@ -180,3 +148,19 @@ def test_ddim50_grid_matches_plain_ddim_at_the_same_cost():
 def test_shallow_fractions_grow_with_the_branch():
     f = fs.shallow_fractions(None, [0, 1, 3], 1.5)
     assert 0 < f[0] < f[1] < f[3] < 1
+
+def test_ray_without_an_address_starts_an_instance_of_its_own(tmp_path, monkeypatch):
+    # The tasks themselves run on Ray in tests/test_serve.py, joining dcfx serve's cluster by
+    # address; here `--ray` alone must ask for a new local instance, never one found running.
+    ray = pytest.importorskip("ray")
+    asked = []
+
+    def init(**kwargs):
+        asked.append(kwargs)
+        raise ConnectionAbortedError("stop here")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    with pytest.raises(ConnectionAbortedError):
+        fs.execute(_study(), TASKS[:1], tmp_path, ray_address="")
+    assert asked[0]["address"] == "local" and not list(tmp_path.iterdir())

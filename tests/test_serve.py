@@ -1,10 +1,11 @@
-"""dcfx serve: requests checked with clear messages, batching that leaves each request's image
-as the local pipeline draws it, a diffusers text-to-image folder served with prompts, and
-`dcfx serve` itself: a local Ray cluster with one replica answering HTTP, stopped by Ctrl-C
-without leaving a process behind.
+"""dcfx serve: requests checked with clear messages, batching that leaves each image as the local
+pipeline draws it, a diffusers text-to-image folder served with prompts, and `dcfx serve` itself:
+a local Ray cluster with one replica answering HTTP, stopped by Ctrl-C without leaving a process
+behind. The fidelity study's Ray path joins that cluster while its replica starts.
 
-The server starts when the module does (about 30 s of Ray and Serve start-up plus the
-replica's warm-up) and the in-process tests run meanwhile; the HTTP tests then wait for it.
+One local Ray instance serves all of it: `dcfx serve` starts when the module does (Ray, Serve
+and the replica's warm-up take about 30 s), the in-process tests and the study's tasks run
+meanwhile, and the HTTP tests then wait for the URL.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import io
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -28,10 +30,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _benchmarks import script, tiny_study
 
 pytest.importorskip("ray.serve", reason='Ray Serve is not installed (pip install "dcfx[serve]"; the test extra has it)')
 
 import dcfx  # noqa: E402
+from dcfx import DeepCacheConfig  # noqa: E402
 from dcfx.models import digits  # noqa: E402
 from dcfx.serve import OFF, BadRequest, Service, parse_setting  # noqa: E402
 
@@ -59,16 +63,26 @@ class Server:
 
     def __init__(self):
         self.port = _free_port()
+        env = {
+            **os.environ,
+            # The replica and the study's tasks at the priority of the other pytest worker (Ray
+            # lowers its workers' to nice 15: beside a busy worker they would wait for the CPU).
+            "RAY_worker_niceness": "0",
+            # This process joins the cluster by address, and Ray reads the mode once, on import
+            # (already done here): a loopback cluster of the test's own needs no token.
+            "RAY_AUTH_MODE": "disabled",
+        }
         self.process = subprocess.Popen(
-            [sys.executable, "-P", "-m", "dcfx", "serve", "--num-cpus", "1", "--max-batch-size", str(MAX_BATCH),
+            # Three CPUs: one for the replica, two for the study's tasks.
+            [sys.executable, "-P", "-m", "dcfx", "serve", "--num-cpus", "3", "--max-batch-size", str(MAX_BATCH),
              "--batch-wait-s", "0.5", "--settings", "3:0", "--port", str(self.port)],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.errors: list[str] = []
         threading.Thread(target=self._read, args=(self.process.stdout, self.lines.put), daemon=True).start()
         threading.Thread(target=self._read, args=(self.process.stderr, self.errors.append), daemon=True).start()
-        self.url: str | None = None
+        self.seen: list[str] = []
 
     @staticmethod
     def _read(stream, put) -> None:
@@ -76,19 +90,26 @@ class Server:
             put(line)
         put(None)
 
+    def wait_line(self, prefix: str) -> str:
+        """The first line of its stdout that starts with `prefix`, waiting for it."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not any(line.startswith(prefix) for line in self.seen):
+            try:
+                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"dcfx serve did not print {prefix!r} in {START_TIMEOUT_S} s:\n{self.stderr_tail()}")
+            if line is None:
+                pytest.fail(f"dcfx serve exited ({self.process.wait()}) before printing {prefix!r}:\n{self.stderr_tail()}")
+            self.seen.append(line)
+        return next(line for line in self.seen if line.startswith(prefix))
+
+    def cluster(self) -> str:
+        """The local Ray cluster's address."""
+        return re.match(r"dcfx serve: local Ray cluster at (\S+);", self.wait_line("dcfx serve: local Ray cluster at ")).group(1)
+
     def wait_ready(self) -> str:
-        if self.url is None:
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while self.url is None:
-                try:
-                    line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
-                except queue.Empty:
-                    pytest.fail(f"dcfx serve did not print its URL in {START_TIMEOUT_S} s:\n{self.stderr_tail()}")
-                if line is None:
-                    pytest.fail(f"dcfx serve exited ({self.process.wait()}) before serving:\n{self.stderr_tail()}")
-                if line.startswith("dcfx serve: http://"):
-                    self.url = line.split()[2]
-        return self.url
+        """The deployment's URL, once it serves."""
+        return self.wait_line("dcfx serve: http://").split()[2]
 
     def stderr_tail(self, lines: int = 80) -> str:
         return "".join(line for line in self.errors[-lines:] if line)
@@ -280,6 +301,26 @@ def test_a_text_to_image_folder_is_served_with_prompts(tmp_path):
     finally:
         dcfx.disable(local)
     assert np.array_equal(pixels(result["images"][0]["png"]), np.asarray(ref))
+
+
+# -- the fidelity study's Ray path, on the same cluster ---------------------------------------
+
+
+def test_the_study_on_the_served_cluster_gives_the_serial_images_bit_for_bit(server, tmp_path):
+    # `fidelity_study.py --ray ADDRESS`: a plain and a dcfx task, one per free CPU of dcfx
+    # serve's cluster, while its replica warms up.
+    fs = script("fidelity_study")
+    study = tiny_study()
+    tasks = [(fs.Method("dpm++2m", 3), 0), (fs.Method("dpm++2m", 4, DeepCacheConfig(interval=2, branch=0)), 1)]
+    assert fs.execute(study, tasks, tmp_path / "ray", ray_address=server.cluster()) == 2
+    assert fs.execute(study, tasks, tmp_path / "serial") == 2
+    for method, seed in tasks:
+        name = study.task_key(method, seed)
+        ray, serial = (fs.load_task(fs.task_path(tmp_path / where, name)) for where in ("ray", "serial"))
+        assert ray["history"] == serial["history"] == ("FSFS" if method.config is not None else "FFF")
+        assert ray["images"].tobytes() == serial["images"].tobytes(), method.label
+    # Resuming on the Ray path: nothing is pending, so Ray is not even joined.
+    assert fs.execute(study, tasks, tmp_path / "ray", ray_address="no cluster here") == 0
 
 
 # -- over HTTP: the local cluster's replica -------------------------------------------------

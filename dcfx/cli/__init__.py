@@ -15,28 +15,29 @@ FileNotFoundError or FileExistsError for bad input (printed as one line, exit st
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from types import ModuleType
 
-from . import demo, example, graphs, profile, serve
-
-# (name, module): the order of `dcfx --help`. A command's heavy or optional dependencies are
-# imported inside its `run`, so that `dcfx --help` and the other commands stay quick.
-COMMANDS: list[tuple[str, ModuleType]] = [
-    ("demo", demo),
-    ("example", example),
-    ("profile", profile),
-    ("graphs", graphs),
-    ("serve", serve),
-]
+# The order of `dcfx --help`. A command's module is imported only when it runs (or when the
+# help lists them all): `dcfx serve` then loads neither the demo's model nor its judge.
+COMMANDS: tuple[str, ...] = ("demo", "example", "profile", "graphs", "serve")
 _BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError)
 
 
-def parser() -> argparse.ArgumentParser:
-    """The `dcfx` argument parser, a subparser per entry of `COMMANDS`."""
+def command(name: str) -> ModuleType:
+    """The module of the subcommand `name` (one of `COMMANDS`)."""
+    if name not in COMMANDS:
+        raise ValueError(f"unknown command {name!r}; the commands are {', '.join(COMMANDS)}")
+    return importlib.import_module(f".{name}", __name__)
+
+
+def parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The `dcfx` argument parser, a subparser per entry of `COMMANDS` (only `only`'s when given)."""
     p = argparse.ArgumentParser(prog="dcfx", description="DeepCache for diffusion U-Nets as a compiled graph pass.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in COMMANDS:
+    for name in COMMANDS if only is None else (only,):
+        module = command(name)
         doc = (module.__doc__ or name).split("\n\n")
         sp = sub.add_parser(name, help=doc[0].split(": ", 1)[-1], description="\n\n".join(doc[:2]),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,7 +48,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs `dcfx ARGV...`; returns the exit status (2: bad input or no command)."""
-    p = parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The top level takes no option but --help: a known first word is the command.
+    p = parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args = p.parse_args(argv)
     if args.command is None:
         p.print_help()

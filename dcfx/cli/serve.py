@@ -1,9 +1,10 @@
 """`dcfx serve`: a Ray Serve deployment of the digits model (or --model) with DeepCache, over HTTP.
 
-Starts a local Ray cluster (or joins one with --address), deploys `dcfx.serve.app` with the
-given replicas, CPUs or GPUs per replica, batch size and batch wait, prints the URL and serves
-until Ctrl-C, which stops the application (and the local cluster). POST JSON such as
-{"label": 3, "seed": 0, "steps": 50, "dcfx": "3:0"}; GET describes the accepted fields.
+Starts a local Ray cluster and prints its address (other jobs, such as the fidelity study's
+`--ray ADDRESS`, may join it while it serves), or joins one with --address; deploys
+`dcfx.serve.app` with the given replicas, CPUs or GPUs per replica, batch size and batch wait,
+prints the URL and serves until Ctrl-C, which stops the application (and the local cluster).
+POST JSON such as {"label": 3, "seed": 0, "steps": 50, "dcfx": "3:0"}; GET describes the accepted fields.
 --build-package PATH writes the AOT package (and its record) a deployment with these
 options loads with --package PATH, then exits.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import os
 import signal
 import sys
 from pathlib import Path
@@ -88,9 +90,17 @@ def run(args: argparse.Namespace) -> None:
         # handles Ctrl-C and then stops the cluster.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+            cluster = ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
         finally:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+        # Other jobs may share it while it serves (the fidelity study's `--ray ADDRESS`). Ray
+        # turns token authentication on for a new cluster unless RAY_AUTH_MODE says otherwise,
+        # and a job that joins by address uses its token only when told to.
+        address = cluster.address_info["gcs_address"]
+        token = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+        print(f"dcfx serve: local Ray cluster at {address}; jobs join it with "
+              f"{'RAY_AUTH_MODE=token in their environment and ' if token else ''}ray.init(address={address!r})",
+              flush=True)
     else:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         ray.init(address=args.address)
