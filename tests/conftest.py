@@ -33,12 +33,19 @@ def digits_judge():
 # The files that take longest (an AOTInductor build, an inductor compile, interpreter start-ups
 # per command, the trained model), first: pytest-xdist hands out whole files in collection
 # order (scripts/test.sh: --dist loadfile), so a long file collected last would run alone.
-SLOW_FILES_FIRST = ("test_package.py", "test_compile.py", "test_cli.py", "test_models.py", "test_compile_orders.py")
+SLOW_FILES_FIRST = ("test_package.py", "test_compile.py", "test_cli.py", "test_models.py", "test_compile_orders.py",
+                    "test_serve_package.py")
+# The Ray tests last: their server, replica and study tasks are a dozen processes that start
+# Python, torch and diffusers, so they are the tests a busy neighbour slows most; at the end the
+# other worker runs a short file or none (an AOTInductor build beside them doubled their time).
+LAST = "test_serve.py"
 
 
 def pytest_collection_modifyitems(items):
     def rank(item):
         name = item.path.name
+        if name == LAST:
+            return len(SLOW_FILES_FIRST) + 1
         return SLOW_FILES_FIRST.index(name) if name in SLOW_FILES_FIRST else len(SLOW_FILES_FIRST)
 
     items.sort(key=rank)  # stable: the order within a file stays

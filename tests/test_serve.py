@@ -73,7 +73,9 @@ class Server:
             "RAY_AUTH_MODE": "disabled",
         }
         self.process = subprocess.Popen(
-            # Three CPUs: one for the replica, two for the study's tasks.
+            # Three CPUs: one for the replica, two for a study task (two torch threads), so
+            # that one Ray worker runs the study's tasks one after the other and Python, torch
+            # and diffusers start once for them.
             [sys.executable, "-P", "-m", "dcfx", "serve", "--num-cpus", "3", "--max-batch-size", str(MAX_BATCH),
              "--batch-wait-s", "0.5", "--settings", "3:0", "--port", str(self.port)],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -307,10 +309,10 @@ def test_a_text_to_image_folder_is_served_with_prompts(tmp_path):
 
 
 def test_the_study_on_the_served_cluster_gives_the_serial_images_bit_for_bit(server, tmp_path):
-    # `fidelity_study.py --ray ADDRESS`: a plain and a dcfx task, one per free CPU of dcfx
+    # `fidelity_study.py --ray ADDRESS`: a plain and a dcfx task on the free CPUs of dcfx
     # serve's cluster, while its replica warms up.
     fs = script("fidelity_study")
-    study = tiny_study()
+    study = tiny_study(threads=2)
     tasks = [(fs.Method("dpm++2m", 3), 0), (fs.Method("dpm++2m", 4, DeepCacheConfig(interval=2, branch=0)), 1)]
     assert fs.execute(study, tasks, tmp_path / "ray", ray_address=server.cluster()) == 2
     assert fs.execute(study, tasks, tmp_path / "serial") == 2
