@@ -1,12 +1,13 @@
 """dcfx serve: requests checked with clear messages, batching that leaves each image as the local
 pipeline draws it, a diffusers text-to-image folder served with prompts, and `dcfx serve` itself:
 a local Ray cluster with one replica answering HTTP, stopped by Ctrl-C without leaving a process
-behind. The fidelity study's Ray path joins that cluster before it stops.
+behind. The fidelity study's Ray path joins that cluster.
 
 One local Ray instance serves all of it: `dcfx serve` starts when the module does (Ray, Serve
-and the replica's warm-up take about 25 s), the in-process tests run meanwhile, and the HTTP
-tests then wait for the URL. (The study's tasks ran during the warm-up at first: beside the
-replica and a busy neighbouring test worker they took twice as long.)
+and the replica's warm-up take about 25 s); the in-process tests and the study's serial run go
+on meanwhile, then the study's Ray tasks and the HTTP tests use the running deployment. (The
+study's tasks ran during the warm-up at first: beside the replica and a busy neighbouring test
+worker they took twice as long.)
 """
 
 from __future__ import annotations
@@ -304,6 +305,28 @@ def test_a_text_to_image_folder_is_served_with_prompts(tmp_path):
     assert np.array_equal(pixels(result["images"][0]["png"]), np.asarray(ref))
 
 
+# -- the fidelity study's Ray path, on the same cluster ---------------------------------------
+
+
+def test_the_study_on_the_served_cluster_gives_the_serial_images_bit_for_bit(server, tmp_path):
+    # `fidelity_study.py --ray ADDRESS`: a plain and a dcfx task. The serial run first, while
+    # the replica warms up; then, with the replica placed, its cluster has one CPU left, so one
+    # Ray worker runs both tasks (Python, torch and diffusers start once).
+    fs = script("fidelity_study")
+    study = tiny_study()
+    tasks = [(fs.Method("dpm++2m", 3), 0), (fs.Method("dpm++2m", 4, DeepCacheConfig(interval=2, branch=0)), 1)]
+    assert fs.execute(study, tasks, tmp_path / "serial") == 2
+    server.wait_ready()
+    assert fs.execute(study, tasks, tmp_path / "ray", ray_address=server.cluster()) == 2
+    for method, seed in tasks:
+        name = study.task_key(method, seed)
+        ray, serial = (fs.load_task(fs.task_path(tmp_path / where, name)) for where in ("ray", "serial"))
+        assert ray["history"] == serial["history"] == ("FSFS" if method.config is not None else "FFF")
+        assert ray["images"].tobytes() == serial["images"].tobytes(), method.label
+    # Resuming on the Ray path: nothing is pending, so Ray is not even joined.
+    assert fs.execute(study, tasks, tmp_path / "ray", ray_address="no cluster here") == 0
+
+
 # -- over HTTP: the local cluster's replica -------------------------------------------------
 
 
@@ -355,27 +378,6 @@ def test_bad_requests_get_a_400_naming_the_problem(url):
     ]:
         status, answer = post(url, body)
         assert status == 400 and says in answer["error"], (body, status, answer)
-
-
-# -- the fidelity study's Ray path, on the same cluster ---------------------------------------
-
-
-def test_the_study_on_the_served_cluster_gives_the_serial_images_bit_for_bit(server, url, tmp_path):
-    # `fidelity_study.py --ray ADDRESS`: a plain and a dcfx task on the CPU that dcfx serve's
-    # replica (placed: `url`) leaves free, so one Ray worker runs both (Python, torch and
-    # diffusers start once).
-    fs = script("fidelity_study")
-    study = tiny_study()
-    tasks = [(fs.Method("dpm++2m", 3), 0), (fs.Method("dpm++2m", 4, DeepCacheConfig(interval=2, branch=0)), 1)]
-    assert fs.execute(study, tasks, tmp_path / "ray", ray_address=server.cluster()) == 2
-    assert fs.execute(study, tasks, tmp_path / "serial") == 2
-    for method, seed in tasks:
-        name = study.task_key(method, seed)
-        ray, serial = (fs.load_task(fs.task_path(tmp_path / where, name)) for where in ("ray", "serial"))
-        assert ray["history"] == serial["history"] == ("FSFS" if method.config is not None else "FFF")
-        assert ray["images"].tobytes() == serial["images"].tobytes(), method.label
-    # Resuming on the Ray path: nothing is pending, so Ray is not even joined.
-    assert fs.execute(study, tasks, tmp_path / "ray", ray_address="no cluster here") == 0
 
 
 def test_ctrl_c_stops_the_deployment_and_the_local_cluster(server, url):
