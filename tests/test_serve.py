@@ -4,10 +4,8 @@ a local Ray cluster with one replica answering HTTP, stopped by Ctrl-C without l
 behind. The fidelity study's Ray path joins that cluster.
 
 One local Ray instance serves all of it: `dcfx serve` starts when the module does (Ray, Serve
-and the replica's warm-up take about 25 s); the in-process tests and the study's serial run go
-on meanwhile, then the study's Ray tasks and the HTTP tests use the running deployment. (The
-study's tasks ran during the warm-up at first: beside the replica and a busy neighbouring test
-worker they took twice as long.)
+and the replica's warm-up take about 25 s); the in-process tests and then the study's tasks
+run meanwhile, and the HTTP tests use the running deployment.
 """
 
 from __future__ import annotations
@@ -309,15 +307,15 @@ def test_a_text_to_image_folder_is_served_with_prompts(tmp_path):
 
 
 def test_the_study_on_the_served_cluster_gives_the_serial_images_bit_for_bit(server, tmp_path):
-    # `fidelity_study.py --ray ADDRESS`: a plain and a dcfx task. The serial run first, while
-    # the replica warms up; then, with the replica placed, its cluster has one CPU left, so one
-    # Ray worker runs both tasks (Python, torch and diffusers start once).
+    # `fidelity_study.py --ray ADDRESS`: a plain and a dcfx task, while the replica warms up.
+    # Serve places the replica seconds after it starts, during the in-process tests; its
+    # cluster then has one CPU left, so one Ray worker runs both tasks (Python, torch and
+    # diffusers start once).
     fs = script("fidelity_study")
     study = tiny_study()
     tasks = [(fs.Method("dpm++2m", 3), 0), (fs.Method("dpm++2m", 4, DeepCacheConfig(interval=2, branch=0)), 1)]
-    assert fs.execute(study, tasks, tmp_path / "serial") == 2
-    server.wait_ready()
     assert fs.execute(study, tasks, tmp_path / "ray", ray_address=server.cluster()) == 2
+    assert fs.execute(study, tasks, tmp_path / "serial") == 2
     for method, seed in tasks:
         name = study.task_key(method, seed)
         ray, serial = (fs.load_task(fs.task_path(tmp_path / where, name)) for where in ("ray", "serial"))
