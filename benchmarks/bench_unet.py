@@ -5,7 +5,7 @@
         [--device cuda|cpu] [--variants ...] [--compile-options KEY=VALUE ...] [--repeats 3]
         [--csv PATH] [--md PATH]
 
-e.g. the README's CPU table (SD1.5 architecture at 256px, 10 steps, every CPU variant):
+e.g. docs/measurements.md's CPU table (SD1.5 architecture at 256px, 10 steps, every CPU variant):
 
     python benchmarks/bench_unet.py --arch sd15 --resolution 32 --steps 10 --device cpu
 
@@ -224,7 +224,7 @@ class _Reference:
 class _Replayed:
     """CUDA graphs captured once and replayed per step.
 
-    For a DeepCacheUNet: `dcfx.cuda_graphs` (the README's recipe), which replays the graph its
+    For a DeepCacheUNet: `dcfx.cuda_graphs` (the recipe of docs/cuda-graphs.md), which replays the graph its
     policy picks per step; for the plain U-Net: one graph of one call. Inputs are copied into
     the captured input tensors.
     """

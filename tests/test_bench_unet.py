@@ -53,19 +53,19 @@ def test_bench_unet_refuses_bad_settings(argv, message, capsys):
 def test_a_partial_or_differently_compiled_run_never_writes_over_the_full_table(tmp_path):
     bench = script("bench_unet")
     device = bench.torch.device("cpu")
-    readme_run = ["--arch", "sd15", "--resolution", "32", "--batch", "1", "--steps", "10", "--interval", "3",
+    docs_run = ["--arch", "sd15", "--resolution", "32", "--batch", "1", "--steps", "10", "--interval", "3",
                   "--branch", "0", "--device", "cpu", "--repeats", "3"]
-    full = bench.default_output(bench.parse_args(readme_run), device, ".md")
-    assert full.exists(), full  # the README's committed full table is what this run writes
+    full = bench.default_output(bench.parse_args(docs_run), device, ".md")
+    assert full.exists(), full  # docs/measurements.md's committed full table is what this run writes
     others = [
         ["--variants", "eager", "dcfx"],
         ["--variants", *bench.default_variants(device, "uniform")],  # named, even if all
         ["--compile-options", "layout_optimization=False"],
         ["--variants", "compile", "dcfx-compile", "--compile-mode", "max-autotune-no-cudagraphs"],
     ]
-    paths = [bench.default_output(bench.parse_args(readme_run + extra), device, ".md") for extra in others]
+    paths = [bench.default_output(bench.parse_args(docs_run + extra), device, ".md") for extra in others]
     assert full not in paths and len(set(paths)) == len(paths)
     assert paths[0].name.endswith("_uniform_eager+dcfx.md")
     # Named outputs are used as given.
-    args = bench.parse_args(readme_run + ["--variants", "eager", "--md", str(tmp_path / "x.md")])
+    args = bench.parse_args(docs_run + ["--variants", "eager", "--md", str(tmp_path / "x.md")])
     assert args.md == tmp_path / "x.md"

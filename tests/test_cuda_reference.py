@@ -16,7 +16,7 @@ asserts that caching changed the result (so the comparison can fail):
   to the fp32 reference trajectory may exceed the fp16 reference's by at most 2x + 4u.
 - compiled (`compile=True`, default mode and "reduce-overhead"), fp16: <= 1e-3 per step
   against the fp16 reference.
-- the README's CUDA-graph recipe (one captured full and one shallow step, replayed by the
+- the CUDA-graph recipe of docs/cuda-graphs.md (one captured full and one shallow step, replayed by the
   schedule) with PNDM and Euler, fp32: <= 1e-5 per step.
 
 PNDM repeats its first timestep; the reference helper numbers steps by looking the timestep
@@ -198,8 +198,8 @@ def test_compiled_fp16_matches_reference_cuda(model, mode):
 
 
 class _Replay:
-    """The README's recipe: `dcfx.cuda_graphs`, replayed step by step; called like the U-Net
-    (positional timestep, conditioning as captured)."""
+    """The recipe of docs/cuda-graphs.md: `dcfx.cuda_graphs`, replayed step by step; called
+    like the U-Net (positional timestep, conditioning as captured)."""
 
     def __init__(self, fast, x, t, cond, num_steps):
         self.num_steps, self.step = num_steps, 0

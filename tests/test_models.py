@@ -21,7 +21,7 @@ from dcfx.models.quality import psnr
 LABELS = torch.arange(20) % 10
 GUIDANCE = 1.5
 MIN_ACCURACY = 0.6  # chance is 0.1
-# N=3, b=0 against plain sampling from the same noise, 10 DDIM steps (see README's study for
+# N=3, b=0 against plain sampling from the same noise, 10 DDIM steps (see docs/digits-model.md for
 # 50 steps: higher); a randomly initialised model lands near 10 dB.
 MIN_PSNR_N3 = 20.0
 

@@ -1,6 +1,6 @@
 """Issue 7, the API side: saving a pipeline with dcfx enabled, strict and numpy-friendly
-arguments, clear errors, the reference's non-uniform schedule, and the README's CUDA-graph
-recipe.
+arguments, clear errors, the reference's non-uniform schedule, and the CUDA-graph recipe of
+docs/cuda-graphs.md.
 
 - save: `pipe.save_pretrained` with `dcfx.enable` saves the plain U-Net, `from_pretrained`
   loads it, and `disable` leaves the pipeline's config as it was;
@@ -12,7 +12,7 @@ recipe.
   misspelled keyword is named;
 - schedule: `nonuniform_full_steps` equals the reference's `sample_from_quad_center` over the
   issue's grid; an explicit schedule is honoured with interval=1;
-- README: the CUDA-graph recipe, executed as written, under PNDM and Euler (on CPU with a
+- docs: the CUDA-graph recipe, executed as written, under PNDM and Euler (on CPU with a
   stand-in for CUDA graphs that replays the recorded call into the captured output tensors;
   on a GPU with real ones);
 - history: the current generation and the 16 before it, in order.
@@ -290,14 +290,15 @@ def test_explicit_schedule_is_honoured_with_interval_one(unet):
     assert fast.history == ("FSSSFS",)
 
 
-# -- item 10: the README --------------------------------------------------------------------
+# -- the CUDA-graph recipe in the docs -------------------------------------------------------
 
 
-def readme_block(heading: str) -> str:
-    """The first Python code block under `heading` in README.md."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split(f"\n{heading}\n", 1)[1]
-    return section.split("```python\n", 1)[1].split("\n```", 1)[0]
+RECIPE_PAGE = ROOT / "docs" / "cuda-graphs.md"
+
+
+def recipe_block() -> str:
+    """The first Python code block of the CUDA-graph page: the recipe."""
+    return RECIPE_PAGE.read_text().split("```python\n", 1)[1].split("\n```", 1)[0]
 
 
 RECIPE_SCHEDULERS = {
@@ -321,7 +322,7 @@ def run_recipe(recipe: str, kind: str, device: str) -> tuple[torch.Tensor, torch
     scheduler = RECIPE_SCHEDULERS[kind]()
     scheduler.set_timesteps(8, device=device)
     namespace = dict(unet=unet, scheduler=scheduler, latents=latents, text=text, torch=torch, dcfx=dcfx)
-    exec(compile(recipe, "README.md (CUDA graphs)", "exec"), namespace)
+    exec(compile(recipe, str(RECIPE_PAGE.relative_to(ROOT)), "exec"), namespace)
 
     # What the replayed graphs must compute: the same schedule, run without graphs.
     reference = dcfx.optimize(unet, interval=3, branch=0)
@@ -344,11 +345,11 @@ def assert_recipe_matches(recipe: str, kind: str, device: str) -> None:
 
 
 @pytest.mark.parametrize("kind", sorted(RECIPE_SCHEDULERS))
-def test_readme_cuda_graph_recipe_as_written(kind):
-    assert_recipe_matches(readme_block("## CUDA graphs"), kind, "cpu")
+def test_docs_cuda_graph_recipe_as_written(kind):
+    assert_recipe_matches(recipe_block(), kind, "cpu")
 
 
-# The issue's three faults, each put back into the recipe: the test above must catch them.
+# Three faults, each put back into the recipe: the test above must catch them.
 FAULTS = {
     "no clone": ("pndm", lambda r: r.replace(".clone()", "")),
     "integer timestep buffer": ("euler", lambda r: r.replace("dtype=timesteps.dtype", "dtype=torch.int64")),
@@ -357,9 +358,9 @@ FAULTS = {
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
-def test_readme_cuda_graph_recipe_faults_are_caught(fault):
+def test_docs_cuda_graph_recipe_faults_are_caught(fault):
     kind, inject = FAULTS[fault]
-    recipe = readme_block("## CUDA graphs")
+    recipe = recipe_block()
     broken = inject(recipe)
     assert broken != recipe, f"the recipe no longer contains what {fault!r} removes"
     with pytest.raises(AssertionError, match="away from the eager loop"):
@@ -369,8 +370,8 @@ def test_readme_cuda_graph_recipe_faults_are_caught(fault):
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("kind", sorted(RECIPE_SCHEDULERS))
-def test_readme_cuda_graph_recipe_as_written_cuda(kind):
-    assert_recipe_matches(readme_block("## CUDA graphs"), kind, "cuda")
+def test_docs_cuda_graph_recipe_as_written_cuda(kind):
+    assert_recipe_matches(recipe_block(), kind, "cuda")
 
 
 def test_history_keeps_the_current_generation_and_the_16_before_it(unet):
