@@ -2,11 +2,12 @@
 
     python benchmarks/bench_kernels.py [--dtype fp16] [--channels-last] [--estimate-only]
 
-First, without a GPU too, an estimate from the kernel's own launch plan (`cut_traffic`): the
-bytes one call moves through DRAM (no L2 reuse assumed) before this design (statistics of
-both inputs, then apply) and now (statistics of the skip only, the cached feature's from the
-full step; or a single pass when a group fits one program), and the share of an H100's copy
-bandwidth (~3.0 TB/s) that the ideal traffic gets if the kernel moves its bytes at that speed.
+First, without a GPU too, an estimate from the kernel's own launch plan (cut_traffic.py): the
+bytes one call moves through DRAM (no L2 reuse assumed) when the op computes all statistics
+itself (both inputs read for statistics, then again to apply) and with cached statistics
+(only skip read for statistics, the cached feature's come from the full step; or a single pass
+when a group fits one program), and the share of an H100's copy bandwidth (~3.0 TB/s) that the
+ideal traffic gets if the kernel moves its bytes at that speed.
 
 Then, on CUDA, each implementation is checked against an fp32 reference and timed
 (triton.testing.do_bench, median, L2 flushed between runs):
@@ -23,12 +24,16 @@ measured in the same run (a large device-to-device Tensor.copy_, bytes = 2 x siz
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from dcfx.kernels.cut_norm import cat_group_norm_silu, cat_group_norm_silu_reference, group_partial_stats
-from dcfx.kernels.cut_norm import cut_traffic
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also under `python -P`
+from cut_traffic import cut_traffic  # noqa: E402
+
+from dcfx.kernels.cat_group_norm_silu import cat_group_norm_silu_reference  # noqa: E402
+from dcfx.kernels.ops import cat_group_norm_silu, group_partial_stats  # noqa: E402
 
 NUM_GROUPS = 32  # every GroupNorm in the SD1.5 / SDXL U-Nets
 EPS = 1e-5
@@ -67,26 +72,28 @@ def _print_header(header):
 
 
 def print_estimate(dtype):
-    """Bytes per call before and after, from the launch plans; % copy if moved at H100 copy speed."""
+    """Bytes per call with statistics in the op and with cached statistics, from the launch
+    plans; % copy if moved at H100 copy speed."""
     size = torch.empty((), dtype=dtype).element_size()
     print(
         f"Estimate from the kernel's launch plan, {dtype}, {NUM_GROUPS} groups (bytes the same in any "
         f"layout), no L2 reuse; "
         f"H100 copy {H100_COPY_BYTES_PER_S / 1e12:.1f} TB/s"
     )
+    print("in op: the op computes every statistic itself; cached: with cached_stats (a shallow step)")
     _print_header(
-        f"{'shape':38s} {'ideal MB':>8s} {'before MB':>9s} {'after MB':>8s} {'saved MB':>8s} "
-        f"{'launches':>8s} {'before us':>9s} {'after us':>8s} {'% copy before':>13s} {'% copy after':>12s}"
+        f"{'shape':38s} {'ideal MB':>8s} {'in op MB':>8s} {'cached MB':>9s} {'saved MB':>8s} "
+        f"{'launches':>8s} {'in op us':>8s} {'cached us':>9s} {'% copy in op':>12s} {'% copy cached':>13s}"
     )
     for name, n, c1, c2, h, w in SHAPES:
-        before = cut_traffic(n, c1, c2, h, w, size, NUM_GROUPS, before=True)
-        after = cut_traffic(n, c1, c2, h, w, size, NUM_GROUPS, cached_stats=True)
+        in_op = cut_traffic(n, c1, c2, h, w, size, NUM_GROUPS, cached_stats=False)
+        cached = cut_traffic(n, c1, c2, h, w, size, NUM_GROUPS, cached_stats=True)
         bw = H100_COPY_BYTES_PER_S
         print(
-            f"{name:38s} {before.ideal_bytes / 1e6:8.2f} {before.bytes / 1e6:9.2f} {after.bytes / 1e6:8.2f} "
-            f"{(before.bytes - after.bytes) / 1e6:8.2f} {f'{before.launches}->{after.launches}':>8s} "
-            f"{before.seconds(bw) * 1e6:9.1f} {after.seconds(bw) * 1e6:8.1f} "
-            f"{100 * before.copy_fraction(bw):12.0f}% {100 * after.copy_fraction(bw):11.0f}%"
+            f"{name:38s} {in_op.ideal_bytes / 1e6:8.2f} {in_op.bytes / 1e6:8.2f} {cached.bytes / 1e6:9.2f} "
+            f"{(in_op.bytes - cached.bytes) / 1e6:8.2f} {f'{in_op.launches}, {cached.launches}':>8s} "
+            f"{in_op.seconds(bw) * 1e6:8.1f} {cached.seconds(bw) * 1e6:9.1f} "
+            f"{100 * in_op.copy_fraction(bw):11.0f}% {100 * cached.copy_fraction(bw):12.0f}%"
         )
     print()
 

@@ -38,7 +38,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
 from test_reference import _SD_BETAS, models, reference_helper  # noqa: F401  (models: a fixture)
 
 import dcfx
-import dcfx.kernels.cut_norm as cut_norm
+from dcfx.kernels import plan as kernel_plan
 
 T = 8
 RTOL_FP32 = 1e-5
@@ -140,14 +140,14 @@ def assert_cached(model, run, name, kind, device, dtype):
 def two_pass_kernels():
     """Route the cut through the statistics + apply kernels (with the cached feature's
     precomputed statistics), which the tiny models' small groups would otherwise skip."""
-    saved = cut_norm._SINGLE_PASS_ELEMENTS
-    cut_norm._SINGLE_PASS_ELEMENTS = 0
-    cut_norm._cut_plan.cache_clear()
+    saved = kernel_plan.SINGLE_PASS_ELEMENTS
+    kernel_plan.SINGLE_PASS_ELEMENTS = 0
+    kernel_plan.cut_plan.cache_clear()
     try:
         yield
     finally:
-        cut_norm._SINGLE_PASS_ELEMENTS = saved
-        cut_norm._cut_plan.cache_clear()
+        kernel_plan.SINGLE_PASS_ELEMENTS = saved
+        kernel_plan.cut_plan.cache_clear()
 
 
 # ---------------------------------------------------------------------------------------

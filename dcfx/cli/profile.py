@@ -35,7 +35,8 @@ from ..report import report
 from ._model import DTYPES, add_model_arguments, build_model, example_call, native_resolution, parse_device
 
 FUSED_OP = "dcfx::cat_group_norm_silu"
-FUSED_KERNELS = "_cut_"  # the fused op's Triton kernels (dcfx.kernels.cut_norm), eager or compiled
+# The fused op's Triton kernels (dcfx.kernels: its own and the statistics kernel), eager or compiled.
+FUSED_KERNELS = ("_cat_group_norm_silu", "_group_partial_stats")
 CACHE_COPY = "dcfx.cache_copy"
 _STEP_RANGE = re.compile(r"^dcfx\.(full|shallow)\[b\d+\]$")
 # The trace file starts with this (our own key first), so a later run knows the file is ours.
@@ -144,7 +145,7 @@ def format_kind(kind: StepKind, top: int, cuda: bool, branch: int) -> str:
         lines.append(f"  {others.ljust(width)}  {'':>10}  {_ms(kind.per_step(rest)):>12}  {_share(rest, kind.total_us):>6}")
     if kind.kind == "shallow":
         if kind.fused_us:
-            inner = f"its {FUSED_KERNELS}* kernels" if cuda else "with the operators it calls"
+            inner = f"its {'*, '.join(FUSED_KERNELS)}* kernels" if cuda else "with the operators it calls"
             lines.append(
                 f"  fused op {FUSED_OP}: {_ms(kind.per_step(kind.fused_us))} ms per step, "
                 f"{_share(kind.fused_us, kind.total_us)} of the step ({inner})"

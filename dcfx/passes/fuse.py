@@ -42,7 +42,7 @@ import os
 import torch
 from torch import fx
 
-from ..kernels import cut_norm  # noqa: F401  (registers torch.ops.dcfx.cat_group_norm_silu)
+from ..kernels import ops as kernel_ops  # registers torch.ops.dcfx.cat_group_norm_silu, group_partial_stats
 from .split import CACHE_INPUT, CACHED_OUTPUTS, finish_graph
 
 aten = torch.ops.aten
@@ -130,7 +130,7 @@ def inductor_ops(gm: fx.GraphModule) -> int:
     the twins run plain PyTorch). Returns how many nodes changed; none without triton."""
     changed = 0
     for node in gm.graph.nodes:
-        twin = cut_norm.INDUCTOR_OPS.get(node.target) if node.op == "call_function" else None
+        twin = kernel_ops.INDUCTOR_OPS.get(node.target) if node.op == "call_function" else None
         if twin is not None:
             node.target = twin
             changed += 1
