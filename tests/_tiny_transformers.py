@@ -23,7 +23,7 @@ class TinyTransformer:
     class_name: str
     config: dict[str, Any]
     call: Callable[[torch.Generator, int], dict[str, Any]]  # (generator, batch) -> keyword arguments
-    streams: int  # tensors its blocks carry (Flux: image and text tokens)
+    streams: int  # tensors cached at the cut Fn = 1, Bn = 1 (Flux: image and text tokens)
 
     def model(self, seed: int = 0) -> nn.Module:
         with torch.random.fork_rng():
@@ -72,4 +72,79 @@ FLUX_GUIDANCE = TinyTransformer(
     streams=2,
 )
 
-TINY: dict[str, TinyTransformer] = {"flux": FLUX, "flux_guidance": FLUX_GUIDANCE}
+# The latent models below take a 4-channel 8x8 latent (16 tokens of 2x2 patches) or its tokens.
+SD3 = TinyTransformer(
+    "SD3Transformer2DModel",
+    dict(sample_size=8, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=8, num_attention_heads=4,
+         joint_attention_dim=24, caption_projection_dim=32, pooled_projection_dim=12, out_channels=4,
+         pos_embed_max_size=8),
+    lambda g, b: dict(hidden_states=_randn(g, b, 4, 8, 8), encoder_hidden_states=_randn(g, b, 8, 24),
+                      pooled_projections=_randn(g, b, 12), timestep=torch.full((b,), 500.0)),
+    streams=2,
+)
+
+# SD 3.5's layout: a second (image-only) attention in the first blocks, RMS-normed q and k.
+SD35 = TinyTransformer("SD3Transformer2DModel", {**SD3.config, "dual_attention_layers": (0, 1), "qk_norm": "rms_norm"},
+                       SD3.call, streams=2)
+
+PIXART = TinyTransformer(
+    "PixArtTransformer2DModel",
+    dict(num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=4,
+         cross_attention_dim=32, sample_size=8, patch_size=2, caption_channels=24, norm_num_groups=4),
+    lambda g, b: dict(hidden_states=_randn(g, b, 4, 8, 8), encoder_hidden_states=_randn(g, b, 8, 24),
+                      timestep=torch.full((b,), 500), added_cond_kwargs={"resolution": None, "aspect_ratio": None}),
+    streams=1,
+)
+
+DIT = TinyTransformer(
+    "DiTTransformer2DModel",
+    dict(num_attention_heads=4, attention_head_dim=8, in_channels=4, num_layers=4, sample_size=8, patch_size=2,
+         num_embeds_ada_norm=10, norm_num_groups=4),
+    lambda g, b: dict(hidden_states=_randn(g, b, 4, 8, 8), timestep=torch.full((b,), 500), class_labels=torch.arange(b) % 10),
+    streams=1,
+)
+
+# Flux 2 joins text and image tokens between its double- and single-stream blocks: one joint
+# stream from there on. Rotary axes: 4 of 2 (they sum to the head size 8).
+FLUX2 = TinyTransformer(
+    "Flux2Transformer2DModel",
+    dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=8, num_attention_heads=4,
+         joint_attention_dim=24, timestep_guidance_channels=32, axes_dims_rope=(2, 2, 2, 2), guidance_embeds=True),
+    lambda g, b: dict(
+        hidden_states=_randn(g, b, 16, 16),
+        encoder_hidden_states=_randn(g, b, 8, 24),
+        timestep=torch.full((b,), 0.75),
+        img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.zeros(1), torch.arange(4.0), torch.arange(4.0),
+                                           indexing="ij"), -1).reshape(16, 4),
+        txt_ids=torch.zeros(8, 4),
+        guidance=torch.full((b,), 3.5),
+    ),
+    streams=1,
+)
+
+# Qwen-Image: 16 tokens of a 4x4 grid (img_shapes, a constant of the call), all text tokens valid.
+QWEN_IMAGE = TinyTransformer(
+    "QwenImageTransformer2DModel",
+    dict(patch_size=2, in_channels=16, out_channels=4, num_layers=4, attention_head_dim=8, num_attention_heads=4,
+         joint_attention_dim=24, axes_dims_rope=(2, 2, 4)),
+    lambda g, b: dict(hidden_states=_randn(g, b, 16, 16), encoder_hidden_states=_randn(g, b, 8, 24),
+                      encoder_hidden_states_mask=torch.ones(b, 8), timestep=torch.full((b,), 0.75),
+                      img_shapes=[(1, 4, 4)] * b),
+    streams=2,
+)
+
+# Wan: a video latent of 2 frames of 8x8 (32 tokens of 1x2x2 patches); head size 12 splits into
+# rotary axes 4 + 4 + 4. The text only enters through cross-attention: one stream.
+WAN = TinyTransformer(
+    "WanTransformer3DModel",
+    dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=24,
+         freq_dim=16, ffn_dim=48, num_layers=4, rope_max_seq_len=32),
+    lambda g, b: dict(hidden_states=_randn(g, b, 4, 2, 8, 8), timestep=torch.full((b,), 500),
+                      encoder_hidden_states=_randn(g, b, 8, 24)),
+    streams=1,
+)
+
+TINY: dict[str, TinyTransformer] = {
+    "flux": FLUX, "flux_guidance": FLUX_GUIDANCE, "sd3": SD3, "sd35": SD35, "pixart": PIXART, "dit": DIT,
+    "flux2": FLUX2, "qwen_image": QWEN_IMAGE, "wan": WAN,
+}

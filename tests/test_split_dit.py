@@ -6,13 +6,15 @@ from collections import Counter
 
 import pytest
 import torch
-from _tiny_transformers import FLUX, FLUX_GUIDANCE
+from _tiny_transformers import FLUX, FLUX_GUIDANCE, TINY
 from torch import fx, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from dcfx.capture import CallBinder, capture, module_path
 from dcfx.flops import count_flops
+from dcfx.passes.forecast import forecast
+from dcfx.passes.fuse import cache_cut_stats, fuse_cut
 from dcfx.passes.split import CACHE_INPUT, CACHED_OUTPUTS
 from dcfx.passes.split_dit import find_blocks, split_dit, split_dit_head
 
@@ -63,12 +65,16 @@ def test_blocks_in_execution_order(flux):
 @pytest.mark.parametrize(("fn", "bn"), CUTS)
 def test_full_graph_is_the_model_plus_the_residual(flux, fn, bn):
     model, kwargs, gm = flux
+    code = gm.code
     graphs = split_dit(gm, fn, bn)
     tensors = _tensors(model, kwargs)
     with torch.no_grad():
         *out, residual = graphs.full(*tensors)
         expected = model(**kwargs).sample
     assert torch.equal(out[0], expected)
+    assert gm.code == code  # the input graph is not modified
+    weights = {id(p) for p in model.parameters()}
+    assert {id(p) for g in (graphs.full, graphs.shallow) for p in g.parameters()} <= weights  # nothing copied
     assert graphs.full.meta[CACHED_OUTPUTS] == 1
     inputs = [n.name for n in graphs.shallow.graph.nodes if n.op == "placeholder"]
     assert inputs == [n.name for n in gm.graph.nodes if n.op == "placeholder"] + [CACHE_INPUT]
@@ -246,6 +252,47 @@ def test_head_rest_and_tail_compose_to_full_and_shallow(flux, fn, bn):
     # No layer runs twice: the head's layers are not run again by the rest or the tail.
     assert linears(parts.head) + linears(parts.rest) == linears(graphs.full)
     assert linears(parts.head) + linears(parts.tail) == linears(graphs.shallow)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_fuse_and_forecast_apply_unchanged(flux, order):
+    model, kwargs, gm = flux
+    graphs = split_dit(gm, 1, 1)
+    fused = fuse_cut(graphs.shallow)
+    assert fused.meta["dcfx_fused"] == 0  # no concatenation of the cache to fuse
+    assert cache_cut_stats(graphs.full, fused) == (graphs.full, fused)
+    call = CallBinder(model).bind((), kwargs)
+    extrapolating = forecast(fused, order, call.timestep_index)
+    with torch.no_grad():
+        *_, residual = graphs.full(*call.tensors)
+        history = [torch.randn_like(residual) for _ in range(order)]
+        # One valid feature (n = 1): the forecast is the last residual itself (weights 1 and 0).
+        times = torch.tensor([1.0, 1.0, 0.9, 0.8][: order + 2])  # [n, t0, t1, t2]; this step is at 0.75
+        got = extrapolating(*call.tensors, residual, *history, times)[0]
+        expected = graphs.shallow(*call.tensors, residual)[0]
+        # Two valid features: the residual moves on along the line through them.
+        times[0] = 2
+        moved = extrapolating(*call.tensors, residual, *history, times)[0]
+    assert torch.equal(got, expected)
+    assert (moved - expected).norm() > 1e-3 * expected.norm()
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_rule_applies_to_diffusers_transformers(name):
+    tiny = TINY[name]
+    model, kwargs, gm = _captured(tiny)
+    tensors = _tensors(model, kwargs)
+    graphs, parts = split_dit(gm, 1, 1), split_dit_head(gm, 1, 1)
+    with torch.no_grad():
+        expected = model(**kwargs)[0] if isinstance(model(**kwargs), tuple) else model(**kwargs).sample
+        *out, residual = graphs.full(*tensors)
+        boundary = parts.head(*tensors)
+        tail = parts.tail(*tensors, *boundary, residual)
+        shallow = graphs.shallow(*tensors, residual)
+    assert torch.equal(out[0], expected)
+    assert torch.equal(tail[0], shallow[0])
+    assert len(graphs.streams) == tiny.streams and graphs.streams[0].image
+    assert not {b.path for b in graphs.middle} & {_block_of(n) for n in graphs.shallow.graph.nodes}
 
 
 @pytest.mark.parametrize(("fn", "bn"), [(0, 0), (0, 2), (1, 5), (3, 3), (6, 0), (-1, 1), (1, -1), (1.5, 0)])

@@ -14,9 +14,11 @@ A *stream* is a tensor the middle carries through: one the middle outputs (read 
 paired with the tensor entering the middle that it continues. It is found by walking back from
 the output along the residual path only: elementwise ops with an operand of the output's shape
 (`x + gate * f(x)`), casts and dropout, and token slices of token concatenations (Flux's single
-blocks join text and image tokens and split them again). Flux has two streams (image and text
-tokens; with Bn = 0 the text stream's last value is dead, so only the image stream remains);
-SD3, Qwen-Image and Wan have one or two, PixArt and DiT one.
+blocks join text and image tokens and split them again). Flux, SD3 and Qwen-Image carry two
+(image and text tokens; with Bn = 0 the text stream's last value is dead, so only the image
+stream is cached); PixArt, DiT and Wan one (the text enters through cross-attention); Flux 2 two
+through its double-stream blocks and one joint stream after them. A middle output that is a
+middle input passed through unchanged (a cast to its own dtype) is read from the input instead.
 
 Out, for (Fn, Bn):
 - the full graph: the input graph plus one output, the *residual* (middle output minus
@@ -206,6 +208,8 @@ class _Cut:
             head_in = _trace(middle_in, head)
             image = head_in is not None and any(sample in ancestors(x) for x in _source_nodes(head_in))
             found.append((middle_in, out, head_in, image))
+        if not found:
+            raise ValueError(f"nothing after block {blocks[n - bn - 1].path} reads what the middle computes")
         found.sort(key=lambda f: not f[3])  # the image stream first (a stable sort keeps graph order)
         _check_packable([f[1] for f in found])
         self.streams, offset = [], 0
@@ -400,15 +404,12 @@ def _window(dim: int, start: int, stop: int, shape: tuple) -> tuple | None:
 
 
 def _check_packable(outs: list[fx.Node]) -> None:
+    """The streams concatenate along dim 1: same dtype, same sizes elsewhere."""
     vals = [_val(x) for x in outs]
-    first = vals[0]
-    for v in vals[1:]:
-        same = v.dtype == first.dtype and v.dim() == first.dim() >= 2
-        if not same or [s for i, s in enumerate(v.shape) if i != 1] != [s for i, s in enumerate(first.shape) if i != 1]:
-            shapes = ", ".join(f"{x.name} {str(v.dtype).removeprefix('torch.')}{list(v.shape)}" for x, v in zip(outs, vals))
-            raise ValueError(
-                f"the middle's streams ({shapes}) differ beyond dim 1 (tokens): cannot cache them as one residual"
-            )
+    kinds = {(v.dtype, v.dim(), *(size for i, size in enumerate(v.shape) if i != 1)) for v in vals}
+    if len(kinds) > 1 or vals[0].dim() < 2:
+        shapes = ", ".join(f"{x.name} {str(v.dtype).removeprefix('torch.')}{list(v.shape)}" for x, v in zip(outs, vals))
+        raise ValueError(f"the middle's streams ({shapes}) differ beyond dim 1 (tokens): cannot cache them as one residual")
 
 
 def _val(node: fx.Node) -> torch.Tensor:
