@@ -1,6 +1,7 @@
 """The transformer split rule (first Fn and last Bn blocks run, the middle cached as a residual)
 on tiny random Flux transformers: the graphs against the plain model and against DBCache done by
-hand with hooks, their structure and FLOPs, the head/rest/tail cut, and bad cuts."""
+hand with hooks, their structure and FLOPs, the head/rest/tail cut, fuse and forecast on its
+graphs, and bad cuts; then the rule on every tiny transformer of `_tiny_transformers`."""
 
 from collections import Counter
 
@@ -278,9 +279,9 @@ def test_fuse_and_forecast_apply_unchanged(flux, order):
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
-def test_rule_applies_to_diffusers_transformers(name):
+def test_rule_applies_to_diffusers_transformers(request, name):
     tiny = TINY[name]
-    model, kwargs, gm = _captured(tiny)
+    model, kwargs, gm = request.getfixturevalue(name) if name in ("flux", "flux_guidance") else _captured(tiny)
     tensors = _tensors(model, kwargs)
     graphs, parts = split_dit(gm, 1, 1), split_dit_head(gm, 1, 1)
     with torch.no_grad():
