@@ -31,6 +31,7 @@ boundary as inputs (head + tail = shallow). Rest and tail keep the full/shallow 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import fx
@@ -76,9 +77,9 @@ def find_skips(graph: fx.Graph) -> list[Skip]:
         a, b = pair
         options = []
         for skip, hidden in ((b, a), (a, b)):
-            source = _skip_source(skip, _ancestors(hidden), order)
+            source = _skip_source(skip, ancestors(hidden), order)
             if source is not None:
-                options.append((len(_ancestors(skip)), source, skip, hidden))
+                options.append((len(ancestors(skip)), source, skip, hidden))
         if options:
             # Both ways may share ancestors; the skip is the shallower operand.
             _, source, skip, hidden = min(options, key=lambda o: o[0])
@@ -124,10 +125,27 @@ def split_head(gm: fx.GraphModule, branch: int) -> HeadSplit:
     """Split a captured U-Net graph at `branch` into head, rest and tail (module docstring)."""
     graphs = split(gm, branch)
     cut = find_skips(gm.graph)[branch]
-    cache = next(n for n in graphs.shallow.graph.nodes if n.op == "placeholder" and n.name == CACHE_INPUT)
+    head, rest, tail, names = cut_head(gm, graphs.full, graphs.shallow)
+    if cut.skip.name not in names:
+        raise AssertionError(f"the skip tensor {cut.skip.name} is not among the head's outputs")
+    return HeadSplit(head, rest, tail, branch, len(names), names.index(cut.skip.name))
+
+
+def cut_head(gm: fx.GraphModule, full: fx.GraphModule, shallow: fx.GraphModule,
+             signal: Callable[[fx.Graph, dict[fx.Node, fx.Node]], fx.Node] | None = None,
+             ) -> tuple[fx.GraphModule, fx.GraphModule, fx.GraphModule, list[str]]:
+    """(head, rest, tail, the boundary's names) of captured graph `gm` split into `full` and
+    `shallow` (whose cache input is the placeholder `deepcache_feature`), as `split_head` makes
+    them for any split rule.
+
+    `signal(graph, env)`, if given, adds a node to the head (a copy of `gm`; `env` maps `gm`'s
+    nodes to it) that the head returns last: a gate's signal that neither rest nor tail reads.
+    They still take it, unused, so every boundary output is an input of both.
+    """
+    cache = next(n for n in shallow.graph.nodes if n.op == "placeholder" and n.name == CACHE_INPUT)
     on_cache = _descendants(cache)
     head = {
-        n.name for n in graphs.shallow.graph.nodes
+        n.name for n in shallow.graph.nodes
         if n.op not in ("placeholder", "output") and n not in on_cache
     }
     # The head's outputs: its nodes read outside it (weights are re-read, not passed).
@@ -135,23 +153,24 @@ def split_head(gm: fx.GraphModule, branch: int) -> HeadSplit:
         n for n in gm.graph.nodes
         if n.name in head and n.op != "get_attr" and any(u.name not in head for u in n.users)
     ]
-    names = [n.name for n in boundary]
-    if cut.skip.name not in names:
-        raise AssertionError(f"the skip tensor {cut.skip.name} is not among the head's outputs")
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     graph.graph_copy(gm.graph, env)
-    graph.output(tuple(env[n] for n in boundary))
+    outputs = [env[n] for n in boundary]
+    if signal is not None:
+        outputs.append(signal(graph, env))
+    graph.output(tuple(outputs))
     head_gm = finish_graph(gm, graph)
-    rest = _with_boundary_inputs(graphs.full, names, before=None)
-    rest.meta[CACHED_OUTPUTS] = graphs.full.meta[CACHED_OUTPUTS]
-    tail = _with_boundary_inputs(graphs.shallow, names, before=CACHE_INPUT)
-    return HeadSplit(head_gm, rest, tail, branch, len(boundary), names.index(cut.skip.name))
+    rest = _with_boundary_inputs(full, outputs, before=None)
+    rest.meta[CACHED_OUTPUTS] = full.meta[CACHED_OUTPUTS]
+    tail = _with_boundary_inputs(shallow, outputs, before=CACHE_INPUT)
+    return head_gm, rest, tail, [n.name for n in outputs]
 
 
-def _with_boundary_inputs(gm: fx.GraphModule, names: list[str], before: str | None) -> fx.GraphModule:
-    """A copy of `gm` whose nodes called `names` are placeholders (inserted after the
-    original placeholders, or before placeholder `before`), their producers dropped."""
+def _with_boundary_inputs(gm: fx.GraphModule, boundary: list[fx.Node], before: str | None) -> fx.GraphModule:
+    """A copy of `gm` whose nodes named as the `boundary` nodes are placeholders (inserted
+    after the original placeholders, or before placeholder `before`), their producers dropped;
+    a boundary node `gm` lacks becomes an unused placeholder."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     graph.output(graph.graph_copy(gm.graph, env))
@@ -159,16 +178,17 @@ def _with_boundary_inputs(gm: fx.GraphModule, names: list[str], before: str | No
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     anchor = next((p for p in placeholders if p.name == before), None)
     inserted: list[fx.Node] = []
-    for name in names:
-        node = nodes[name]  # every boundary node is in both the full and the shallow graph
+    for source in boundary:
         if anchor is not None:
             ctx = graph.inserting_before(anchor)
         else:
             ctx = graph.inserting_after(inserted[-1] if inserted else placeholders[-1])
         with ctx:
-            new = graph.placeholder(BOUNDARY_INPUT + name)
-        new.meta = {k: v for k, v in node.meta.items() if k in ("val", "tensor_meta")}
-        node.replace_all_uses_with(new)  # the producers become dead code
+            new = graph.placeholder(BOUNDARY_INPUT + source.name)
+        new.meta = {k: v for k, v in source.meta.items() if k in ("val", "tensor_meta")}
+        node = nodes.get(source.name)
+        if node is not None:
+            node.replace_all_uses_with(new)  # the producers become dead code
         inserted.append(new)
     return finish_graph(gm, graph)
 
@@ -198,14 +218,20 @@ def _full_graph(gm: fx.GraphModule, hidden: fx.Node) -> fx.GraphModule:
     return full
 
 
-def _shallow_graph(gm: fx.GraphModule, cut: Skip) -> fx.GraphModule:
+def copy_with_cache_input(gm: fx.GraphModule) -> tuple[fx.Graph, dict[fx.Node, fx.Node], fx.Node]:
+    """A copy of `gm`'s graph with one more placeholder, `deepcache_feature`, after its inputs
+    (no reader yet); the map from `gm`'s nodes to the copy's; the new placeholder."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    out = graph.graph_copy(gm.graph, env)
-    graph.output(out)
+    graph.output(graph.graph_copy(gm.graph, env))
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     with graph.inserting_after(placeholders[-1]):
         cache = graph.placeholder(CACHE_INPUT)
+    return graph, env, cache
+
+
+def _shallow_graph(gm: fx.GraphModule, cut: Skip) -> fx.GraphModule:
+    graph, env, cache = copy_with_cache_input(gm)
     hidden = env[cut.hidden]
     cache.meta = {k: v for k, v in hidden.meta.items() if k in ("val", "tensor_meta")}
     if cut.skip is cut.hidden:
@@ -266,7 +292,8 @@ def _skip_source(skip: fx.Node, hidden_ancestors: set[fx.Node], order: dict[fx.N
     return max(matching, key=order.__getitem__, default=None)
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
+def ancestors(node: fx.Node) -> set[fx.Node]:
+    """Every node `node` depends on (not itself)."""
     return _reachable(node, lambda n: n.all_input_nodes)
 
 
