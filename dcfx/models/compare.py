@@ -2,7 +2,7 @@
 
 A `Setting` is plain DDIM or dcfx at some (interval, branch, schedule) and step count; a
 `Sampler` runs settings on one model with fixed noise and labels and counts their FLOPs (from
-`dcfx.report`); `matched_ddim` finds the plain DDIM step count of about the same FLOPs as a
+`dcfx.report`, priced by `dcfx.costs`); `matched_ddim` finds the plain DDIM step count of about the same FLOPs as a
 dcfx setting (the paper's "fewer steps" baseline); `evaluate` scores samples against the
 plain ones (and, with the digits judge, for class accuracy and Fréchet distance). Shared by
 `dcfx demo` and `benchmarks/fidelity_study.py`.
@@ -19,6 +19,7 @@ from torch import nn
 
 from ..api import disable, enable, optimize
 from ..config import DeepCacheConfig
+from ..costs import GraphCost
 from ..report import report
 from ..schedule import StepSchedule
 from .quality import psnr
@@ -98,7 +99,7 @@ class Sampler:
         # A bare conditional U-Net gets a fixed random stand-in for a text embedding.
         width = getattr(cfg, "cross_attention_dim", None)
         self.cond = None if self.is_pipeline or width is None else torch.randn(num_samples, 77, width, generator=gen)
-        self._graph_flops: dict[tuple[int, bool], tuple[int, int]] = {}
+        self._costs: dict[tuple[int, bool], GraphCost] = {}
 
     def run(self, setting: Setting) -> Result:
         """Samples `setting` once (timed), after an untimed warm-up that builds its graphs."""
@@ -113,25 +114,24 @@ class Sampler:
         """FLOPs of one generation of `setting` (for one sample's CFG batch), from dcfx.report;
         an adaptive setting's from the steps it ran (`history`, 'F'/'S' per step)."""
         config = setting.config or DeepCacheConfig(interval=1)  # plain: every step full
-        full, shallow = self._flops_per_call(config)
         if history is not None:
             num_full = history.count("F")
         elif config.adaptive is not None:
             raise ValueError(f"{setting.name}: an adaptive setting's FLOPs are known once it ran (pass its history)")
         else:
             num_full = len(StepSchedule(config).full_steps(setting.steps))
-        return num_full * full + (setting.steps - num_full) * shallow
+        return self._cost(config).generation_flops(num_full, setting.steps - num_full)
 
-    def _flops_per_call(self, config: DeepCacheConfig) -> tuple[int, int]:
-        """(full, shallow) graph FLOPs of one call at `config`'s branch. Counted once per branch:
-        each count captures the U-Net, which takes longer than sampling a small model."""
+    def _cost(self, config: DeepCacheConfig) -> GraphCost:
+        """The graphs' cost per call at `config`'s branch. Counted once per branch: each count
+        captures the U-Net, which takes longer than sampling a small model."""
         key = (config.branch, config.fuse_cut)
-        if key not in self._graph_flops:
+        if key not in self._costs:
             args, kwargs = self._example_call()
             counted = DeepCacheConfig(branch=config.branch, fuse_cut=config.fuse_cut)
             r = report(self.unet, *args, config=counted, num_steps=1, branches=[config.branch], **kwargs).branches[0]
-            self._graph_flops[key] = (r.full_flops, r.shallow_flops)
-        return self._graph_flops[key]
+            self._costs[key] = r.cost
+        return self._costs[key]
 
     def _example_call(self) -> tuple[tuple, dict]:
         batch = 2 if self.is_pipeline and self.guidance_scale > 1 else 1

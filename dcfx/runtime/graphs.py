@@ -35,7 +35,7 @@ from .._torch_private import pytree
 from ..capture import Call, capture, changed_arguments, describe_signature
 from ..compile import TRACING, Compiler, LazyGraph
 from ..config import DeepCacheConfig
-from ..flops import count_flops
+from ..costs import GraphCost, graph_cost
 from ..passes import GraphSet, PassOptions, build_graphs
 
 # Module states whose graphs and cache buffers are kept (dtype/device moves, FreeU on/off, ...).
@@ -75,7 +75,7 @@ class Entry:
     timestep_index: int | None = None
     example: tuple | None = None  # the capture's inputs (meta copies), to count FLOPs
     serial: int = field(default_factory=lambda: next(_SERIAL))
-    _flops: dict[str, int] | None = None
+    _cost: GraphCost | None = None
 
     def __post_init__(self) -> None:
         # Profiler (and NVTX) range names: which graph ran, at which branch.
@@ -95,33 +95,14 @@ class Entry:
         """The graph of a shallow step (tail, for a head-gated policy)."""
         return self.graphs["tail" if self.head else "shallow"]
 
-    def flops(self) -> dict[str, int] | None:
-        """FLOPs per call of each graph (dcfx.report's counter), counted on meta tensors once."""
-        if self._flops is None and self.example is not None:
+    def cost(self) -> GraphCost | None:
+        """FLOPs per call of each graph (`dcfx.costs`), counted on meta tensors once; None
+        for graphs without FX code (AOT-compiled)."""
+        if self._cost is None and self.example is not None:
             graphs = {k: g.graph for k, g in self.graphs.items() if isinstance(g, LazyGraph)}
             if len(graphs) == len(self.graphs):
-                self._flops = _graph_flops(graphs, self.example, self.num_cached, self.forecast)
-        return self._flops
-
-
-def _graph_flops(graphs: dict, inputs: tuple, num_cached: int, forecast: int) -> dict[str, int]:
-    out: dict[str, int] = {}
-    boundary: tuple = ()
-    if "head" in graphs:
-        out["head"], boundary = count_flops(graphs["head"], inputs)
-    full = graphs.get("rest", graphs.get("full"))
-    out["rest" if "head" in graphs else "full"], outputs = count_flops(full, (*inputs, *boundary))
-    cached = list(outputs[len(outputs) - num_cached:])
-    if forecast:
-        feature = cached[0]
-        cached = [feature] * (forecast + 1) + [torch.zeros(forecast + 2, device="meta")]
-    out["tail" if "head" in graphs else "shallow"], _ = count_flops(
-        graphs.get("tail", graphs.get("shallow")), (*inputs, *boundary, *cached)
-    )
-    if "head" in graphs:
-        out["full"] = out["head"] + out["rest"]
-        out["shallow"] = out["head"] + out["tail"]
-    return out
+                self._cost = graph_cost(graphs, self.example, self.num_cached, self.forecast)
+        return self._cost
 
 
 class GraphCache:
@@ -142,6 +123,11 @@ class GraphCache:
     def entries(self) -> dict[tuple, Entry]:
         """The current module state's entries, by signature key."""
         return self.states.get(self.fingerprint, {})
+
+    def all_entries(self) -> list[Entry]:
+        """Every module state's entries, and a preloaded one (oldest state first)."""
+        out = [e for state in self.states.values() for e in state.values()]
+        return out + ([self.preloaded[2]] if self.preloaded is not None else [])
 
     # -- module state -------------------------------------------------------------------
 
