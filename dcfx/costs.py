@@ -21,6 +21,8 @@ import torch
 from torch import fx
 from torch.utils.flop_counter import FlopCounterMode
 
+from .passes.layout import CacheLayout
+
 
 class _OnMeta(fx.Interpreter):
     """Runs a graph with its weights read as meta tensors (no data, no compute)."""
@@ -86,18 +88,16 @@ class GraphCost:
         return sum(nbytes(t) for t in self.cached)
 
 
-def graph_cost(graphs: Mapping[str, fx.GraphModule], inputs: Sequence[torch.Tensor], num_cached: int,
-               forecast: int = 0) -> GraphCost:
-    """The `GraphCost` of a graph set (graphs by kind, as `passes.build_graphs` makes them)
-    on these inputs (the call's tensors, any device: counted on meta copies). `num_cached`
-    trailing outputs of the full graph (or rest) feed the shallow graph (or tail), or with a
-    forecast of order `forecast` the feature's history does."""
-    head = "head" in graphs
+def graph_cost(graphs: Mapping[str, fx.GraphModule], layout: CacheLayout, inputs: Sequence[torch.Tensor]) -> GraphCost:
+    """The `GraphCost` of a graph set (its graphs by kind and its layout, as
+    `passes.build_graphs` makes them) for a call with these tensors (on any device: they are
+    counted as meta copies)."""
+    head, num_cached, forecast = layout.head, layout.num_cached, layout.forecast
     flops: dict[str, int] = {}
     boundary: tuple = ()
     if head:
         flops["head"], boundary = count_flops(graphs["head"], inputs)
-    full, shallow = ("rest", "tail") if head else ("full", "shallow")
+    full, shallow = layout.full_kind, layout.shallow_kind
     flops[full], outputs = count_flops(graphs[full], (*inputs, *boundary))
     cached = tuple(outputs[len(outputs) - num_cached:])
     shallow_inputs = list(cached)

@@ -18,8 +18,8 @@ from .capture import CallBinder, capture
 from .config import DeepCacheConfig
 from .costs import GraphCost, equivalents, graph_cost
 from .inspection import operator_count
-from .passes import deepcache_graphs, pass_options
-from .passes.split import CACHED_OUTPUTS, find_skips, split
+from .passes import PassOptions, build_graphs, pass_options
+from .passes.split import find_skips, split
 from .runtime import DeepCacheUNet
 from .schedule import StepSchedule
 
@@ -124,8 +124,8 @@ def report(
     rows = []
     with torch.no_grad():
         for b in chosen:
-            full, shallow = deepcache_graphs(gm, b, fuse)  # validates b
-            cost = graph_cost({"full": full, "shallow": shallow}, call.tensors, full.meta.get(CACHED_OUTPUTS, 1))
-            rows.append(BranchReport(b, cost.full, cost.shallow, operator_count(full.graph), operator_count(shallow.graph),
-                                     num_steps, num_full, cost.slot_bytes(config.forecast)))
+            graphs = build_graphs(gm, PassOptions(b, fuse, timestep_index=call.timestep_index))  # validates b
+            cost = graph_cost(graphs.graphs, graphs.layout, call.tensors)
+            nodes = [operator_count(graphs.graphs[kind].graph) for kind in graphs.layout.graphs]
+            rows.append(BranchReport(b, cost.full, cost.shallow, *nodes, num_steps, num_full, cost.slot_bytes(config.forecast)))
     return Report(type(unet).__name__, num_skips, config, num_steps, tuple(rows))

@@ -116,6 +116,7 @@ class HeadSplit:
     rest: fx.GraphModule
     tail: fx.GraphModule
     branch: int
+    num_skips: int
     num_boundary: int
     skip_index: int  # which boundary output is s_b, the fresh feature at the cut
 
@@ -146,7 +147,7 @@ def split_head(gm: fx.GraphModule, branch: int) -> HeadSplit:
     rest = _with_boundary_inputs(graphs.full, names, before=None)
     rest.meta[CACHED_OUTPUTS] = graphs.full.meta[CACHED_OUTPUTS]
     tail = _with_boundary_inputs(graphs.shallow, names, before=CACHE_INPUT)
-    return HeadSplit(head_gm, rest, tail, branch, len(boundary), names.index(cut.skip.name))
+    return HeadSplit(head_gm, rest, tail, branch, graphs.num_skips, len(boundary), names.index(cut.skip.name))
 
 
 def _with_boundary_inputs(gm: fx.GraphModule, names: list[str], before: str | None) -> fx.GraphModule:
