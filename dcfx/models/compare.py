@@ -57,16 +57,18 @@ class Setting:
         return Setting(f"{sampler} {steps}", steps)
 
     @staticmethod
-    def dcfx(steps: int, interval: int, branch: int, schedule: str = "uniform", forecast: int = 0) -> "Setting":
-        tag = ("" if schedule == "uniform" else f" {schedule}") + (f" forecast {forecast}" if forecast else "")
-        config = DeepCacheConfig(interval=interval, branch=branch, schedule=schedule, forecast=forecast)
-        return Setting(f"dcfx N={interval} b={branch}{tag}", steps, config)
-
-    @staticmethod
-    def adaptive(steps: int, signal: str, branch: int, threshold: float | None = None, forecast: int = 0) -> "Setting":
-        config = DeepCacheConfig(branch=branch, adaptive=signal, threshold=threshold, forecast=forecast)
-        tag = (f" {threshold:g}" if threshold is not None else "") + (f" forecast {forecast}" if forecast else "")
-        return Setting(f"dcfx {signal}{tag} b={branch}", steps, config)
+    def of(steps: int, config: DeepCacheConfig) -> "Setting":
+        """dcfx with `config`, named after its policy ("dcfx N=3 b=0", "dcfx cut 0.15 b=0"; a
+        config with other fields off their defaults by its setting, "dcfx 3:0:warmup=3")."""
+        c = config
+        forecast = f" forecast {c.forecast}" if c.forecast else ""
+        if "=" in c.setting:
+            name = f"dcfx {c.setting}"
+        elif c.adaptive is not None:
+            name = f"dcfx {c.adaptive}{f' {c.threshold:g}' if c.threshold is not None else ''}{forecast} b={c.branch}"
+        else:
+            name = f"dcfx N={c.interval} b={c.branch}{' nonuniform' if c.schedule == 'nonuniform' else ''}{forecast}"
+        return Setting(name, steps, config)
 
 
 @dataclass
