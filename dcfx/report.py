@@ -102,7 +102,8 @@ def report(
     """FLOPs, node counts and speedup bound of every branch (or `branches`) of `unet`.
 
     `args`/`kwargs` are one example call of the U-Net (meta tensors with a meta-device
-    U-Net count without computing). `config` (default: a `DeepCacheUNet`'s own, else
+    U-Net count without computing; `dcfx.models.example_call(unet)` makes one for a
+    diffusers U-Net from its config). `config` (default: a `DeepCacheUNet`'s own, else
     `DeepCacheConfig()`) gives the schedule for the bound over `num_steps` steps, whether
     the cut is fused (as the runtime would run it), and the forecast order, which adds one
     cached feature per order to the memory a call slot keeps (`cached_bytes`, "cache MiB").

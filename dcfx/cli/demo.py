@@ -26,32 +26,27 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..models import digits, load_pipeline
+from ..models.loader import load, model_kind
 from ..models.compare import SCHEDULERS, Result, Sampler, Setting, evaluate, make_scheduler, matched_ddim
 from ..config import SETTING_FORMS, DeepCacheConfig
 from ..models.digits import DEFAULT_GUIDANCE_SCALE
 from ..models.quality import judge as make_judge
-from ._model import read_json, unet_folder
 
 PNG_MARK = "dcfx demo"  # PNG text tag: files carrying it were written by the demo
-_DIGITS_FOLDER = "a digits model folder (model_index.json with _class_name DigitsPipeline)"
 
 
 def load_model(path: str | None) -> tuple[Any, bool]:
-    """(model, is_digits): the embedded digits pipeline, a digits folder, or a U-Net folder."""
-    if path is None:
-        return digits(), True
-    if read_json(Path(path) / "model_index.json").get("_class_name") == "DigitsPipeline":
-        return load_pipeline(path), True
-    folder, cls = unet_folder(path, _DIGITS_FOLDER)
-    unet = cls.from_pretrained(folder, low_cpu_mem_usage=False).eval()
-    if getattr(unet.config, "addition_embed_type", None):
+    """(model, is_digits): the digits pipeline (embedded or a folder of it), or a U-Net (a
+    U-Net folder, or a pipeline folder's U-Net)."""
+    is_digits = model_kind(path) == "digits"
+    model = load(path, unet=not is_digits)
+    if not is_digits and getattr(model.config, "addition_embed_type", None):
         raise ValueError(
             f"--model {path}: this U-Net needs added conditioning "
-            f"(addition_embed_type={unet.config.addition_embed_type!r}, e.g. SDXL), which "
+            f"(addition_embed_type={model.config.addition_embed_type!r}, e.g. SDXL), which "
             f"the demo does not make up; use dcfx.enable on its own pipeline instead"
         )
-    return unet, False
+    return model, is_digits
 
 
 def check_output(path: Path, force: bool) -> str | None:

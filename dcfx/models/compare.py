@@ -22,6 +22,7 @@ from ..config import DeepCacheConfig
 from ..costs import GraphCost
 from ..report import report
 from ..schedule import StepSchedule
+from .calls import example_call
 from .quality import psnr
 
 # name -> (display name, diffusers scheduler class name, overrides of the model's DDIM config)
@@ -136,15 +137,14 @@ class Sampler:
         return self._costs[key]
 
     def _example_call(self) -> tuple[tuple, dict]:
-        batch = 2 if self.is_pipeline and self.guidance_scale > 1 else 1
-        x = self.latents[:1].repeat(batch, 1, 1, 1)
-        t = torch.tensor([999])
+        # One call's shapes are all FLOPs depend on: a CFG batch of one sample for the
+        # pipeline (label tokens), one unguided row for a bare U-Net (the sampler's).
         if self.is_pipeline:
-            ehs = self.model.label_embedding(torch.zeros(batch, dtype=torch.int64))
-            return (x, t), {"encoder_hidden_states": ehs.detach()}
-        if self.cond is not None:
-            return (x, t), {"encoder_hidden_states": self.cond[:1]}
-        return (x, t), {}
+            tokens = self.model.label_embedding.config.tokens_per_class
+            call = example_call(self.unet, 1, guided=self.guidance_scale > 1, tokens=tokens)
+        else:
+            call = example_call(self.unet, 1, guided=False)
+        return call.args, call.kwargs
 
     def _generate(self, setting: Setting, warmup: bool = False) -> tuple[torch.Tensor, str]:
         steps = 2 if warmup else setting.steps
