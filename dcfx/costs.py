@@ -21,6 +21,7 @@ import torch
 from torch import fx
 from torch.utils.flop_counter import FlopCounterMode
 
+from .capture import CallBinder, capture
 from .passes.layout import CacheLayout
 
 
@@ -44,6 +45,13 @@ def count_flops(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple[int, tuple]:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         outputs = _OnMeta(gm).run(*metas)
     return counter.get_total_flops(), tuple(outputs)
+
+
+def call_flops(module: torch.nn.Module, *args: Any, **kwargs: Any) -> int:
+    """FLOPs of one plain call of `module` with these arguments, counted as its graphs are
+    (captured once, run on meta copies): what a full call costs without DeepCache."""
+    call = CallBinder(module).bind(args, kwargs)
+    return count_flops(capture(module, call).graph_module, call.tensors)[0]
 
 
 @dataclass(frozen=True)
