@@ -58,7 +58,7 @@ from torch.export.pt2_archive.constants import AOTINDUCTOR_DIR, WEIGHTS_DIR
 from . import _torch_private as _private
 from ._torch_private import pytree
 from .kernels import cut_norm  # noqa: F401  (registers the dcfx ops that packaged graphs call)
-from .capture import describe_signature
+from .signature import describe_signature
 from .compile import TRACING
 from .config import DeepCacheConfig
 from .passes import CacheLayout

@@ -19,7 +19,8 @@ import torch
 from torch import fx
 
 from ._torch_private import pytree
-from .capture import UNET_PREFIX, describe_signature, module_path
+from .capture import UNET_PREFIX, module_path
+from .signature import describe_signature
 from .compile import LazyGraph
 from .costs import GraphCost, graph_cost
 from .passes import CacheLayout

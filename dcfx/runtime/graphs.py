@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from .._torch_private import pytree
-from ..capture import Call, capture, changed_arguments, describe_signature
+from ..capture import Call, capture
+from ..signature import changed_arguments, describe_signature
 from ..compile import TRACING, Compiler, LazyGraph
 from ..config import DeepCacheConfig
 from ..costs import GraphCost, graph_cost
