@@ -108,9 +108,9 @@ def package(fast: DeepCacheUNet, path: str | os.PathLike, *args: Any, **kwargs: 
         if graphs.head is not None:
             files["head"] = _aot_compile(graphs.head, inputs, config)
             inputs = inputs + tuple(graphs.head(*inputs))
-        outputs = graphs.full(*inputs)
+        cached = graphs.layout.example_cached(graphs.full(*inputs))
         files[graphs.layout.full_kind] = _aot_compile(graphs.full, inputs, config)
-        files[graphs.layout.shallow_kind] = _aot_compile(graphs.shallow, inputs + graphs.example_cached(outputs), config)
+        files[graphs.layout.shallow_kind] = _aot_compile(graphs.shallow, inputs + cached, config)
     manifest = _manifest(unet, config, graphs)
     # Written next to `path` under its name (the archive's root folder is named after the
     # file), then moved over it: a failed write leaves no partial package behind.

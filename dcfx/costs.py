@@ -100,18 +100,15 @@ def graph_cost(graphs: Mapping[str, fx.GraphModule], layout: CacheLayout, inputs
     """The `GraphCost` of a graph set (its graphs by kind and its layout, as
     `passes.build_graphs` makes them) for a call with these tensors (on any device: they are
     counted as meta copies)."""
-    head, num_cached, forecast = layout.head, layout.num_cached, layout.forecast
+    head = layout.head
     flops: dict[str, int] = {}
     boundary: tuple = ()
     if head:
         flops["head"], boundary = count_flops(graphs["head"], inputs)
     full, shallow = layout.full_kind, layout.shallow_kind
     flops[full], outputs = count_flops(graphs[full], (*inputs, *boundary))
-    cached = tuple(outputs[len(outputs) - num_cached:])
-    shallow_inputs = list(cached)
-    if forecast:
-        shallow_inputs = [cached[0]] * (forecast + 1) + [torch.zeros(forecast + 2, device="meta")]
-    flops[shallow], _ = count_flops(graphs[shallow], (*inputs, *boundary, *shallow_inputs))
+    cached = tuple(outputs[len(outputs) - layout.num_cached:])
+    flops[shallow], _ = count_flops(graphs[shallow], (*inputs, *boundary, *layout.example_cached(outputs)))
     if head:
         flops["full"] = flops["head"] + flops["rest"]
         flops["shallow"] = flops["head"] + flops["tail"]

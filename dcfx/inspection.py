@@ -64,24 +64,13 @@ class DeepCacheGraphs:
     @property
     def by_kind(self) -> dict[str, fx.GraphModule]:
         """The graphs by kind, as the runtime names them (`layout.graphs`)."""
-        return dict(zip(self.layout.graphs, (*((self.head,) if self.head is not None else ()), self.full, self.shallow)))
+        graphs = (self.full, self.shallow) if self.head is None else (self.head, self.full, self.shallow)
+        return dict(zip(self.layout.graphs, graphs))
 
     @functools.cached_property
     def cost(self) -> GraphCost:
         """FLOPs of one call of each graph (`dcfx.costs`), counted on meta tensors."""
         return graph_cost(self.by_kind, self.layout, self.inputs)
-
-    def example_cached(self, outputs: tuple) -> tuple:
-        """The shallow graph's cached inputs, from a full step's `outputs`: the cached
-        outputs, or with a forecast the feature as its own history and zero times."""
-        forecast = self.layout.forecast
-        cached = tuple(outputs[len(outputs) - self.num_cached:])
-        if not forecast:
-            return cached
-        feature = cached[0]
-        times = torch.zeros(forecast + 2, dtype=torch.float32, device=feature.device)
-        # Distinct tensors: an export that sees one tensor twice may assume they alias.
-        return (feature, *(feature.clone() for _ in range(forecast)), times)
 
     @functools.cached_property
     def cut(self) -> Cut:

@@ -10,7 +10,9 @@ so that another family's split rule adds its own cut record and nothing else cha
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
+
+import torch
 
 # The graphs of a fixed or latent-gated policy, and of a head-gated one.
 PAIR = ("full", "shallow")
@@ -75,6 +77,17 @@ class CacheLayout:
     def shallow_kind(self) -> str:
         """The graph of a shallow step: "shallow", or "tail" after the head."""
         return self.graphs[-1]
+
+    def example_cached(self, outputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The shallow graph's cached inputs, from a full call's `outputs`: the cached outputs,
+        or with a forecast the feature as its own history and zero times."""
+        cached = tuple(outputs[len(outputs) - self.num_cached:])
+        if not self.forecast:
+            return cached
+        feature = cached[0]
+        times = torch.zeros(self.forecast + 2, dtype=torch.float32, device=feature.device)
+        # Distinct tensors: an export that sees one tensor twice may assume they alias.
+        return (feature, *(feature.clone() for _ in range(self.forecast)), times)
 
     def to_dict(self) -> dict[str, Any]:
         """The layout as JSON-able values (`from_dict` reads them back)."""
