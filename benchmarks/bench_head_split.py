@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         full_c, head_c = fixed._compiler, adaptive._compiler
         inputs = fixed.graphs(x, t, **cond).inputs
         boundary = head_entry.graphs["head"](head_c, *inputs)
-        fresh = boundary[head_entry.skip_index]
+        fresh = boundary[head_entry.layout.cut_index]
         reference = fresh.clone()
 
         def full() -> object:

@@ -16,7 +16,7 @@ from .inspection import DeepCacheGraphs
 from .aot import load_package, package
 from .report import Report, report
 from .runtime import DeepCacheUNet
-from .runtime.spent import Spent
+from .costs import Spent
 from .schedule import nonuniform_full_steps
 
 __all__ = [

@@ -15,9 +15,10 @@ The file is torch's PT2 archive (a zip):
   a subset of the full graph's, so nothing is stored twice. Loading hands the same tensors
   to both models (`user_managed`), so they are in memory once too;
 - `extra/dcfx.json`: the manifest (format, dcfx and torch versions, the `DeepCacheConfig`,
-  the input signature in words, the U-Net's class, forward parameters and diffusers config,
-  dtype and device, the input and output tree specs in torch's JSON) and, pickled, the rest
-  of what the runtime needs exactly (signature key leaves, config, forward signature).
+  the graphs' `CacheLayout`, the input signature in words, the U-Net's class, forward
+  parameters and diffusers config, dtype and device, the input and output tree specs in
+  torch's JSON) and, pickled, the rest of what the runtime needs exactly (signature key
+  leaves, config, forward signature).
 
 A package holds one input signature (shapes, dtypes, devices and non-tensor arguments, as
 the pipeline passes them) on one device type, and its CPU kernels need the vector ISA they
@@ -57,33 +58,25 @@ from torch.export.pt2_archive.constants import AOTINDUCTOR_DIR, WEIGHTS_DIR
 from . import _torch_private as _private
 from ._torch_private import pytree
 from .kernels import ops as kernel_ops  # noqa: F401  (registers the dcfx ops that packaged graphs call)
-from .capture import describe_signature
+from .signature import describe_signature
 from .compile import TRACING
 from .config import DeepCacheConfig
+from .passes import CacheLayout
 from .runtime import DeepCacheUNet
 
-# The manifest's layout; a reader refuses other formats.
-FORMAT = 1
+# The manifest's format; a reader refuses other formats.
+FORMAT = 2
 _MANIFEST = "dcfx.json"
-# The compiled models of a package: a fixed or latent-gated policy's two graphs, or a
-# head-gated policy's three.
-_MODELS = {False: ("full", "shallow"), True: ("head", "rest", "tail")}
 
 
 @dataclasses.dataclass(frozen=True)
 class _PackagedGraphs:
-    """What `DeepCacheUNet._preload` needs about the packaged graphs (a `DeepCacheGraphs` without
-    the FX graphs)."""
+    """What `DeepCacheUNet._preload` needs of the packaged graphs (`DeepCacheGraphs` less the graphs)."""
 
     key: tuple
     signature: str
     out_spec: pytree.TreeSpec
-    num_cached: int
-    branch: int
-    forecast: int = 0
-    num_boundary: int = 0
-    skip_index: int = -1
-    timestep_index: int | None = None
+    layout: CacheLayout
 
 
 def package(fast: DeepCacheUNet, path: str | os.PathLike, *args: Any, **kwargs: Any) -> Path:
@@ -115,10 +108,9 @@ def package(fast: DeepCacheUNet, path: str | os.PathLike, *args: Any, **kwargs: 
         if graphs.head is not None:
             files["head"] = _aot_compile(graphs.head, inputs, config)
             inputs = inputs + tuple(graphs.head(*inputs))
-        outputs = graphs.full(*inputs)
-        full, shallow = _MODELS[graphs.head is not None][-2:]
-        files[full] = _aot_compile(graphs.full, inputs, config)
-        files[shallow] = _aot_compile(graphs.shallow, inputs + graphs.example_cached(outputs), config)
+        cached = graphs.layout.example_cached(graphs.full(*inputs))
+        files[graphs.layout.full_kind] = _aot_compile(graphs.full, inputs, config)
+        files[graphs.layout.shallow_kind] = _aot_compile(graphs.shallow, inputs + cached, config)
     manifest = _manifest(unet, config, graphs)
     # Written next to `path` under its name (the archive's root folder is named after the
     # file), then moved over it: a failed write leaves no partial package behind.
@@ -163,18 +155,9 @@ def load_package(path: str | os.PathLike, device: str | torch.device | None = No
         target = torch.device(target.type, torch.get_device_module(target.type).current_device())
     key = (_spec_loads(manifest["in_spec"]), record["leaves"], record["autocast"])
     key = _on_device(key, packaged, target)
-    runners = _load_models(path, target, tuple(manifest.get("models", _MODELS[False])))
-    graphs = _PackagedGraphs(
-        key=key,
-        signature=describe_signature(key),
-        out_spec=_spec_loads(manifest["out_spec"]),
-        num_cached=manifest["num_cached"],
-        branch=manifest["branch"],
-        forecast=manifest.get("forecast", 0),
-        num_boundary=manifest.get("num_boundary", 0),
-        skip_index=manifest.get("skip_index", -1),
-        timestep_index=manifest.get("timestep_index"),
-    )
+    layout = CacheLayout.from_dict(manifest["layout"])
+    runners = _load_models(path, target, layout.graphs)
+    graphs = _PackagedGraphs(key, describe_signature(key), _spec_loads(manifest["out_spec"]), layout)
     stub = _PackagedUNet(graphs, runners, record["forward"], manifest, target, path)
     fast = DeepCacheUNet(stub, record["config"])
     if fast._graphs.preloaded is None:
@@ -271,13 +254,7 @@ def _manifest(unet: nn.Module, config: DeepCacheConfig, graphs: Any) -> dict[str
         "signature": graphs.signature,
         "device": str(graphs.inputs[0].device),
         "dtype": str(dtype).removeprefix("torch."),
-        "branch": graphs.branch,
-        "num_cached": graphs.num_cached,
-        "models": list(_MODELS[graphs.head is not None]),
-        "forecast": graphs.forecast,
-        "num_boundary": graphs.num_boundary,
-        "skip_index": graphs.skip_index,
-        "timestep_index": graphs.timestep_index,
+        "layout": graphs.layout.to_dict(),
         "config": {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)},
         "forward": [p.name for p in forward.parameters.values()],
         "unet_config": _jsonable(dict(unet_config)) if isinstance(unet_config, Mapping) else None,
@@ -421,15 +398,8 @@ class _PackagedUNet(nn.Module):
     and `device`, and no weights: the compiled graphs hold those.
     """
 
-    def __init__(
-        self,
-        graphs: _PackagedGraphs,
-        runners: dict[str, Callable],
-        forward: inspect.Signature,
-        manifest: dict[str, Any],
-        device: torch.device,
-        path: Path,
-    ):
+    def __init__(self, graphs: _PackagedGraphs, runners: dict[str, Callable], forward: inspect.Signature,
+                 manifest: dict[str, Any], device: torch.device, path: Path):
         super().__init__()
         self._graphs = graphs
         self._runners = runners
@@ -461,14 +431,13 @@ class _PackagedUNet(nn.Module):
 
     def _dcfx_preload(self, fast: DeepCacheUNet) -> None:
         """Make `fast` (a DeepCacheUNet around this stub) run the packaged graphs."""
-        branch = fast.deepcache_config.branch
-        if branch != self._graphs.branch:
+        config, layout = fast.deepcache_config, self._graphs.layout
+        if config.branch != layout.cut.branch:
             raise ValueError(
-                f"{self._path} holds the graphs of branch {self._graphs.branch}; a config with "
-                f"branch={branch} needs another package"
+                f"{self._path} holds the graphs of branch {layout.cut.branch}; a config with "
+                f"branch={config.branch} needs another package"
             )
-        config = fast.deepcache_config
-        packaged = (bool(self._graphs.num_boundary), self._graphs.forecast)
+        packaged = (layout.head, layout.forecast)
         if (config.needs_head, config.forecast) != packaged:
             raise ValueError(
                 f"{self._path} holds the graphs of a policy with head={packaged[0]}, forecast={packaged[1]}; "

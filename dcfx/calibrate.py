@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -29,22 +28,7 @@ import torch
 from torch import nn
 
 from .config import Calibration, DeepCacheConfig
-
-# Cost of a generation in full-U-Net-step equivalents: F full steps and T - F shallow ones at
-# `ratio` of a full step's FLOPs (the shallow/full FLOP ratio of the branch).
-
-
-def full_steps_for(budget: float, num_steps: int, ratio: float) -> int:
-    """How many full steps a budget of `budget` full-step equivalents buys over `num_steps`."""
-    if not budget <= num_steps:
-        raise ValueError(f"budget {budget} is above the step count {num_steps}: a budget counts full-step equivalents (plain sampling costs {num_steps})")
-    cheapest = 1 + (num_steps - 1) * ratio
-    if budget < cheapest:
-        raise ValueError(
-            f"budget {budget} is below the cheapest schedule of {num_steps} steps at this branch "
-            f"({cheapest:.2f}: one full step, every other step shallow at {ratio:.3f} of a full step)"
-        )
-    return max(1, min(num_steps, int((budget - num_steps * ratio) / (1 - ratio) + 1e-9)))
+from .costs import full_steps_for
 
 
 def choose_full_steps(error: np.ndarray, count: int) -> tuple[int, ...]:
@@ -203,12 +187,11 @@ def calibrate(
 
 
 def _shallow_ratio(fast: Any) -> float:
-    """Shallow/full FLOPs of the calibrated U-Net's first signature (the report's counts)."""
-    for state in fast._graphs.states.values():
-        for entry in state.values():
-            flops = entry.flops()
-            if flops and flops["full"]:
-                return flops["shallow"] / flops["full"]
+    """Shallow/full FLOPs of the calibrated U-Net's first signature (`dcfx.costs`)."""
+    for entry in fast._graphs.all_entries():
+        cost = entry.cost()
+        if cost is not None and cost.full:
+            return cost.shallow_fraction
     raise ValueError("calibration could not count the graphs' FLOPs")
 
 

@@ -1,12 +1,26 @@
-"""`DeepCacheConfig`: what to cache, when, and how to compile; validated on construction."""
+"""`DeepCacheConfig`: what to cache, when, and how to compile; validated on construction.
+
+A *setting* is a config written short, as the demo, `dcfx serve` and the studies take it:
+
+    N:B[:nonuniform][:fK]           interval N at branch B (uniform schedule unless said),
+                                    with a forecast of order K: 3:0, 5:0:nonuniform, 2:0:f1
+    SIGNAL:B[:THRESHOLD][:fK]       adaptive gating on SIGNAL (cut, accumulated, latent): cut:0:0.15
+
+then any other field as FIELD=VALUE (a Python literal, or a bare word for a string), separated
+by ':' or ','; or FIELD=VALUE items alone: `interval=2,branch=0,schedule=(0,3,7)`. `from_setting`
+reads one, `config.setting` writes the canonical one. "off" (no DeepCache, as `dcfx serve`
+offers it) is no config: callers that offer it handle it before asking for one.
+"""
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import numbers
 import operator
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
@@ -123,6 +137,34 @@ class DeepCacheConfig:
         if not isinstance(data, dict) or data.pop("dcfx_config", None) != 1:
             raise ValueError(f"{path} is not a dcfx config file (DeepCacheConfig.save writes them)")
         return cls.from_dict(data)
+
+    @classmethod
+    def from_setting(cls, text: str) -> "DeepCacheConfig":
+        """The config a setting string describes (see the module docstring): "3:0",
+        "5:0:nonuniform", "2:0:f1", "cut:0:0.15", "interval=2,branch=0,schedule=(0,3,7)".
+        Raises ValueError naming the valid forms."""
+        return _from_setting(cls, text)
+
+    @property
+    def setting(self) -> str:
+        """This config written short: `DeepCacheConfig.from_setting(config.setting) == config`.
+        Fixed schedules read N:B[:nonuniform][:fK], adaptive ones SIGNAL:B[:THRESHOLD][:fK],
+        then the fields off their defaults as FIELD=VALUE. A calibrated config has none (its
+        calibration is a record, not a value: `save` it)."""
+        if self.calibration is not None:
+            raise ValueError("a calibrated config has no short setting: keep it with config.save(path)")
+        if self.adaptive is not None:
+            parts = [self.adaptive, str(self.branch)] + ([repr(self.threshold)] if self.threshold is not None else [])
+            shown = {"adaptive", "branch", "threshold", "forecast"}
+        else:
+            parts = [str(self.interval), str(self.branch)] + (["nonuniform"] if self.schedule == "nonuniform" else [])
+            shown = {"interval", "branch", "forecast"} | ({"schedule"} if isinstance(self.schedule, str) else set())
+        parts += [f"f{self.forecast}"] if self.forecast else []
+        for f in fields(self):
+            value, default = getattr(self, f.name), f.default if f.default_factory is MISSING else f.default_factory()
+            if f.name not in shown and value != default:
+                parts.append(f"{f.name}={_short_value(value)}")
+        return ":".join(parts)
 
     @property
     def needs_head(self) -> bool:
@@ -311,3 +353,96 @@ def _explicit_schedule(schedule: Any) -> tuple[int, ...]:
 
 
 _COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+# -- settings -------------------------------------------------------------------------------
+
+SETTING_FORMS = "N:B[:nonuniform][:fK] (a fixed schedule) or SIGNAL:B[:THRESHOLD][:fK] (adaptive)"
+_FORECAST = re.compile(r"^f(\d+)$")
+
+
+def _setting_error(text: Any, detail: str = "") -> ValueError:
+    return ValueError(  # the valid forms, then what was wrong
+        f"setting {text!r} must be {SETTING_FORMS}, then any FIELD=VALUE (N:B is INTERVAL:BRANCH); "
+        f"signals {', '.join(SIGNALS)}, schedules {' or '.join(SCHEDULES)}, forecasts "
+        f"{', '.join(f'f{k}' for k in FORECAST_ORDERS[1:])}; e.g. 3:0, 5:0:nonuniform, 2:0:f1, cut:0:0.15 "
+        f"or interval=2,branch=0,schedule=(0,3,7)" + (f" ({detail})" if detail else "")
+    )
+
+
+def _from_setting(cls: type, text: Any) -> DeepCacheConfig:
+    if not isinstance(text, str):
+        raise ValueError(f"a setting is a string such as '3:0' ({SETTING_FORMS}), got {text!r}")
+    parts = _split_top_level(text.strip())
+    words = [p for p in parts if "=" not in p]
+    values: dict[str, Any] = {}
+    for item in (p for p in parts if "=" in p):
+        key, _, value = (x.strip() for x in item.partition("="))
+        if key in values:
+            raise _setting_error(text, f"{key} given twice")
+        try:
+            values[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            values[key] = value  # a bare word: a string
+    if words or not values:
+        if len(words) < 2 or [p for p in parts[:2] if "=" in p]:
+            raise _setting_error(text)
+        head, branch, options = words[0], words[1], words[2:]
+        given = {"adaptive": head} if head in SIGNALS else {"interval": head}
+        if "interval" in given and not head.lstrip("-").isdigit():
+            raise _setting_error(text, f"{head!r} is neither an interval nor a signal")
+        given["branch"] = branch
+        for option in options:
+            forecast = _FORECAST.match(option)
+            name = "forecast" if forecast else "threshold" if "adaptive" in given else "schedule"
+            if name in given:
+                raise _setting_error(text, f"{name} given twice")
+            given[name] = forecast.group(1) if forecast else option
+        for name, value in given.items():
+            if name in values:
+                raise _setting_error(text, f"{name} given twice")
+            values[name] = value if name in ("adaptive", "schedule") else _number(name, value, text)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise _setting_error(text, f"unknown field(s) {', '.join(unknown)}; fields are {', '.join(sorted(names))}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise _setting_error(text, str(e)) from None
+
+
+def _number(name: str, value: str, text: str) -> int | float:
+    try:
+        return float(value) if name == "threshold" else int(value)
+    except ValueError:
+        kind = "a number > 0" if name == "threshold" else "an integer"
+        raise _setting_error(text, f"{name} must be {kind}, got {value!r}") from None
+
+
+def _split_top_level(text: str) -> list[str]:
+    """`text` split at ':' and ',' outside brackets (an explicit schedule is a tuple)."""
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch in ":," and depth == 0:
+            out.append(text[start:i])
+            start = i + 1
+    out.append(text[start:])
+    return [p.strip() for p in out]
+
+
+def _short_value(value: Any) -> str:
+    """A field's value as a setting writes it: a literal, or a bare word for a string that
+    reads back as itself."""
+    if isinstance(value, tuple):
+        return "(" + ",".join(map(repr, value)) + ("," if len(value) == 1 else "") + ")"
+    if isinstance(value, Mapping):
+        return repr(dict(value))
+    if isinstance(value, str):
+        try:
+            ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            if not re.search(r"[\s:,=()\[\]{}]", value):
+                return value
+    return repr(value)

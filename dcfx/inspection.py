@@ -19,9 +19,12 @@ import torch
 from torch import fx
 
 from ._torch_private import pytree
-from .capture import UNET_PREFIX, describe_signature, module_path
+from .capture import UNET_PREFIX, module_path
+from .signature import describe_signature
 from .compile import LazyGraph
-from .passes.split import CACHE_INPUT, find_skips
+from .costs import GraphCost, graph_cost
+from .passes import CacheLayout
+from .passes.split import CACHE_INPUT
 
 # First line of every file `write` makes (`dcfx graphs` overwrites only files that start so).
 WRITTEN_BY = "# Written by dcfx (DeepCacheGraphs.write)"
@@ -34,34 +37,40 @@ class DeepCacheGraphs:
     Both are flat GraphModules over the U-Net's own weights (no copies): `full(*inputs)`
     returns the U-Net's output leaves followed by the `num_cached` cached tensors;
     `shallow(*inputs, *cached)` returns the output leaves (rebuilt with `out_spec`).
+    `layout` says what the graphs cache and how (`dcfx.passes.CacheLayout`).
     """
 
     full: fx.GraphModule
     shallow: fx.GraphModule
     inputs: tuple[torch.Tensor, ...]  # the call's tensors, in placeholder order
-    num_cached: int
-    branch: int
+    layout: CacheLayout
     out_spec: pytree.TreeSpec
     key: tuple  # the input signature key (packages record it)
     signature: str  # the input signature in words
     # Head-gated policies: `head(*inputs)` runs first; `full` and `shallow` are then the rest
     # and the tail, which also take the head's outputs after the call's tensors.
     head: fx.GraphModule | None = None
-    forecast: int = 0  # the shallow graph extrapolates the feature from this many earlier ones
-    num_boundary: int = 0  # head-gated: how many tensors the head passes on
-    skip_index: int = -1  # head-gated: which of them is the fresh feature at the cut
-    timestep_index: int | None = None  # the timestep's position among `inputs`
 
-    def example_cached(self, outputs: tuple) -> tuple:
-        """The shallow graph's cached inputs, from a full step's `outputs`: the cached
-        outputs, or with a forecast the feature as its own history and zero times."""
-        cached = tuple(outputs[len(outputs) - self.num_cached:])
-        if not self.forecast:
-            return cached
-        feature = cached[0]
-        times = torch.zeros(self.forecast + 2, dtype=torch.float32, device=feature.device)
-        # Distinct tensors: an export that sees one tensor twice may assume they alias.
-        return (feature, *(feature.clone() for _ in range(self.forecast)), times)
+    @property
+    def branch(self) -> int:
+        """The skip connection the U-Net is cut at."""
+        return self.layout.cut.branch
+
+    @property
+    def num_cached(self) -> int:
+        """How many trailing outputs of `full` the shallow graph takes (without a forecast)."""
+        return self.layout.num_cached
+
+    @property
+    def by_kind(self) -> dict[str, fx.GraphModule]:
+        """The graphs by kind, as the runtime names them (`layout.graphs`)."""
+        graphs = (self.full, self.shallow) if self.head is None else (self.head, self.full, self.shallow)
+        return dict(zip(self.layout.graphs, graphs))
+
+    @functools.cached_property
+    def cost(self) -> GraphCost:
+        """FLOPs of one call of each graph (`dcfx.costs`), counted on meta tensors."""
+        return graph_cost(self.by_kind, self.layout, self.inputs)
 
     @functools.cached_property
     def cut(self) -> Cut:
@@ -238,7 +247,7 @@ def _describe_cut(graphs: DeepCacheGraphs) -> Cut:
     shallow_modules, skipped_modules = _partition_modules([*head, full.graph], [*head, shallow.graph])
     return Cut(
         branch=graphs.branch,
-        num_skips=len(find_skips(full.graph)) if graphs.head is None else _skips_of(graphs),
+        num_skips=graphs.layout.cut.num_skips,
         consumer=_consumer(inputs[0]),
         cached=tuple(cached),
         shallow_modules=shallow_modules,
@@ -246,18 +255,6 @@ def _describe_cut(graphs: DeepCacheGraphs) -> Cut:
         full_nodes=sum(operator_count(g) for g in [*head, full.graph]),
         shallow_nodes=sum(operator_count(g) for g in [*head, shallow.graph]),
     )
-
-
-def _skips_of(graphs: DeepCacheGraphs) -> int:
-    # The rest graph holds every up-path concatenation (the head none): count them there.
-    return len([n for n in graphs.full.graph.nodes if n.target is torch.ops.aten.cat.default and _is_skip(n)])
-
-
-def _is_skip(node: fx.Node) -> bool:
-    parts = node.args[0]
-    val = parts[0].meta.get("val") if isinstance(parts[0], fx.Node) else None
-    dim = node.args[1] if len(node.args) > 1 else 0
-    return len(parts) == 2 and isinstance(val, torch.Tensor) and val.dim() >= 3 and dim % val.dim() == 1
 
 
 def graphs_of(entry: Any, call: Any) -> DeepCacheGraphs:
@@ -268,16 +265,11 @@ def graphs_of(entry: Any, call: Any) -> DeepCacheGraphs:
         full=entry.full.graph,
         shallow=entry.shallow.graph,
         inputs=call.tensors,
-        num_cached=entry.num_cached,
-        branch=entry.branch,
+        layout=entry.layout,
         out_spec=entry.out_spec,
         key=call.key,
         signature=describe_signature(call.key),
-        head=entry.graphs["head"].graph if entry.head else None,
-        forecast=entry.forecast,
-        num_boundary=entry.num_boundary,
-        skip_index=entry.skip_index,
-        timestep_index=entry.timestep_index,
+        head=entry.graphs["head"].graph if entry.layout.head else None,
     )
 
 

@@ -1,10 +1,9 @@
 """`dcfx.report`: what each branch costs, to choose one before running anything big.
 
-FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` while the full and the shallow
-graph run on meta copies of the example inputs and weights (`dcfx.flops`): nothing is
-computed, so SD1.5- and SDXL-sized models report in seconds, and attention is counted as its
-matrix products whatever kernel the device would pick (the runtime's `spent` counts the same
-way).
+FLOPs are counted by `dcfx.costs` while the full and the shallow graph run on meta copies of
+the example inputs and weights: nothing is computed, so SD1.5- and SDXL-sized models report
+in seconds, and attention is counted as its matrix products whatever kernel the device would
+pick (the runtime's `spent` counts the same way).
 """
 
 from __future__ import annotations
@@ -13,14 +12,14 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from .capture import CallBinder, capture
 from .config import DeepCacheConfig
-from .flops import count_flops
+from .costs import GraphCost, equivalents, graph_cost
 from .inspection import operator_count
-from .passes import deepcache_graphs, pass_options
-from .passes.split import CACHED_OUTPUTS, find_skips, split
+from .passes import PassOptions, build_graphs, pass_options
+from .passes.split import find_skips, split
 from .runtime import DeepCacheUNet
 from .schedule import StepSchedule
 
@@ -39,15 +38,20 @@ class BranchReport:
     cached_bytes: int = 0  # kept per call slot between steps: the feature (and a forecast's history), statistics
 
     @property
+    def cost(self) -> GraphCost:
+        """The FLOPs of a full and of a shallow call, as `dcfx.costs` prices generations."""
+        return GraphCost({"full": self.full_flops, "shallow": self.shallow_flops})
+
+    @property
     def shallow_fraction(self) -> float:
         """Shallow-graph FLOPs as a fraction of the full graph's."""
-        return self.shallow_flops / self.full_flops if self.full_flops else float("nan")
+        return self.cost.shallow_fraction
 
     @property
     def speedup_bound(self) -> float:
         """FLOP ratio plain / DeepCache over one generation: the compute-bound speedup."""
-        cached = self.num_full_steps * self.full_flops + (self.num_steps - self.num_full_steps) * self.shallow_flops
-        return self.num_steps * self.full_flops / cached if cached else float("nan")
+        cost = equivalents(self.num_full_steps, self.num_steps - self.num_full_steps, self.shallow_fraction)
+        return self.num_steps / cost if self.full_flops and cost else float("nan")
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,8 @@ def report(
     """FLOPs, node counts and speedup bound of every branch (or `branches`) of `unet`.
 
     `args`/`kwargs` are one example call of the U-Net (meta tensors with a meta-device
-    U-Net count without computing). `config` (default: a `DeepCacheUNet`'s own, else
+    U-Net count without computing; `dcfx.models.example_call(unet)` makes one for a
+    diffusers U-Net from its config). `config` (default: a `DeepCacheUNet`'s own, else
     `DeepCacheConfig()`) gives the schedule for the bound over `num_steps` steps, whether
     the cut is fused (as the runtime would run it), and the forecast order, which adds one
     cached feature per order to the memory a call slot keeps (`cached_bytes`, "cache MiB").
@@ -120,27 +125,8 @@ def report(
     rows = []
     with torch.no_grad():
         for b in chosen:
-            full, shallow = deepcache_graphs(gm, b, fuse)  # validates b
-            full_flops, outputs = _count(full, call.tensors)
-            cached = full.meta.get(CACHED_OUTPUTS, 1)
-            kept = outputs[-cached:]
-            shallow_flops, _ = _count(shallow, (*call.tensors, *kept))
-            rows.append(BranchReport(b, full_flops, shallow_flops, operator_count(full.graph), operator_count(shallow.graph),
-                                     num_steps, num_full, _cached_bytes(kept, config.forecast)))
+            graphs = build_graphs(gm, PassOptions(b, fuse, timestep_index=call.timestep_index))  # validates b
+            cost = graph_cost(graphs.graphs, graphs.layout, call.tensors)
+            nodes = [operator_count(graphs.graphs[kind].graph) for kind in graphs.layout.graphs]
+            rows.append(BranchReport(b, cost.full, cost.shallow, *nodes, num_steps, num_full, cost.slot_bytes(config.forecast)))
     return Report(type(unet).__name__, num_skips, config, num_steps, tuple(rows))
-
-
-def _cached_bytes(kept: Sequence[torch.Tensor], forecast: int) -> int:
-    """What a call slot keeps, as the runtime keeps it: the full graph's cached outputs (the
-    feature first, then the statistics the fuse pass hoists); with a forecast of order k, the
-    feature, k earlier ones and k + 2 float32 timesteps (no statistics: the forecast feature
-    is new at every step)."""
-    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
-    if forecast:
-        return (1 + forecast) * nbytes(kept[0]) + 4 * (forecast + 2)
-    return sum(nbytes(t) for t in kept)
-
-
-def _count(gm: fx.GraphModule, inputs: tuple) -> tuple[int, tuple]:
-    return count_flops(gm, inputs)
-

@@ -142,3 +142,41 @@ def test_missing_or_corrupt_weights_say_what_was_expected(tmp_path):
     (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="could not be loaded"):
         load_pipeline(tmp_path / "m")
+
+
+# -- the one loader and the one example call ---------------------------------------------------
+
+
+def test_one_loader_takes_the_digits_model_and_pipeline_or_unet_folders(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from dcfx.models import DigitsPipeline, describe, load, model_kind
+
+    assert model_kind(None) == model_kind("digits") == "digits" and describe(None) == "the digits model"
+    assert isinstance(load(), DigitsPipeline)
+    unet = load(None, unet=True, dtype=torch.float64)
+    assert isinstance(unet, UNet2DConditionModel) and not unet.training and unet.dtype == torch.float64
+    assert load("digits", meta=True).device.type == "meta"
+    folder = tmp_path / "pipe"
+    shutil.copytree(WEIGHTS_DIR, folder)  # a digits model folder, as train_digits writes it
+    assert model_kind(folder) == "digits" and describe(folder) == f"the digits model in {folder}"
+    unet.save_pretrained(tmp_path / "only")
+    assert model_kind(tmp_path / "only") == "unet" and describe(tmp_path / "only") == f"UNet2DConditionModel from {tmp_path / 'only'}"
+    assert isinstance(load(tmp_path / "only"), UNet2DConditionModel)
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        load(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="is not a diffusers U-Net or pipeline folder"):
+        model_kind(tmp_path / "empty")
+
+
+def test_example_call_is_a_valid_call_of_the_unet():
+    from dcfx.models import example_call, load
+
+    unet = load(meta=True)
+    call = example_call(unet, 3)
+    assert call.guided and call.args[0].shape == (6, 1, 16, 16) and call.args[0].device.type == "meta"
+    assert call.kwargs["encoder_hidden_states"].shape == (6, 77, unet.config.cross_attention_dim)
+    assert unet(*call.args, **call.kwargs).sample.shape == (6, 1, 16, 16)
+    unguided = example_call(unet, 2, 8, guided=False, tokens=4, device="cpu")
+    assert unguided.args[0].shape == (2, 1, 8, 8) and unguided.kwargs["encoder_hidden_states"].shape[1] == 4

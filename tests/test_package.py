@@ -176,8 +176,8 @@ def test_another_signature_is_refused(loaded, packaged, pipeline_call):
 
 def test_one_file_with_each_weight_once(packaged, unet):
     manifest = read_manifest(packaged)
-    assert manifest["config"]["interval"] == INTERVAL and manifest["branch"] == 0
-    assert manifest["num_cached"] == 2  # the cut feature and its group statistics (fused cut)
+    assert manifest["config"]["interval"] == INTERVAL and manifest["layout"]["cut"]["branch"] == 0
+    assert manifest["layout"]["num_cached"] == 2  # the cut feature and its group statistics (fused cut)
     assert manifest["unet"] == "UNet2DConditionModel" and manifest["unet_config"]["block_out_channels"] == [32, 64]
     assert manifest["torch"] == torch.__version__ and manifest["device"] == "cpu"
     with zipfile.ZipFile(packaged) as archive:

@@ -36,7 +36,7 @@ def test_an_adaptive_forecast_package_runs_like_uncompiled_dcfx(tmp_path):
     fast = dcfx.optimize(unet, CONFIG)
     path = package(fast, tmp_path / "adaptive.pt2", x0, torch.tensor(999), encoder_hidden_states=e)
     manifest = read_manifest(path)
-    assert manifest["models"] == ["head", "rest", "tail"] and manifest["forecast"] == 1
+    assert manifest["layout"]["graphs"] == ["head", "rest", "tail"] and manifest["layout"]["forecast"] == 1
     loaded = load_package(path)
     reference = dcfx.optimize(unet, CONFIG)
     expected = generation(reference, x0, e)

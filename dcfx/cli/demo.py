@@ -26,62 +26,27 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..models import digits, load_pipeline
+from ..models.loader import load, model_kind
 from ..models.compare import SCHEDULERS, Result, Sampler, Setting, evaluate, make_scheduler, matched_ddim
-from ..config import SIGNALS
+from ..config import SETTING_FORMS, DeepCacheConfig
 from ..models.digits import DEFAULT_GUIDANCE_SCALE
 from ..models.quality import judge as make_judge
-from ._model import read_json, unet_folder
 
 PNG_MARK = "dcfx demo"  # PNG text tag: files carrying it were written by the demo
-_DIGITS_FOLDER = "a digits model folder (model_index.json with _class_name DigitsPipeline)"
 
 
 def load_model(path: str | None) -> tuple[Any, bool]:
-    """(model, is_digits): the embedded digits pipeline, a digits folder, or a U-Net folder."""
-    if path is None:
-        return digits(), True
-    if read_json(Path(path) / "model_index.json").get("_class_name") == "DigitsPipeline":
-        return load_pipeline(path), True
-    folder, cls = unet_folder(path, _DIGITS_FOLDER)
-    unet = cls.from_pretrained(folder, low_cpu_mem_usage=False).eval()
-    if getattr(unet.config, "addition_embed_type", None):
+    """(model, is_digits): the digits pipeline (embedded or a folder of it), or a U-Net (a
+    U-Net folder, or a pipeline folder's U-Net)."""
+    is_digits = model_kind(path) == "digits"
+    model = load(path, unet=not is_digits)
+    if not is_digits and getattr(model.config, "addition_embed_type", None):
         raise ValueError(
             f"--model {path}: this U-Net needs added conditioning "
-            f"(addition_embed_type={unet.config.addition_embed_type!r}, e.g. SDXL), which "
+            f"(addition_embed_type={model.config.addition_embed_type!r}, e.g. SDXL), which "
             f"the demo does not make up; use dcfx.enable on its own pipeline instead"
         )
-    return unet, False
-
-
-SETTING_FORMS = "N:B[:nonuniform][:fK] (a fixed schedule) or SIGNAL:B[:THRESHOLD][:fK] (adaptive)"
-
-
-def parse_setting(text: str, steps: int) -> Setting:
-    """'3:0' -> interval 3, branch 0; '5:0:nonuniform' adds the schedule; 'cut:0' is the
-    adaptive signal "cut" at branch 0 ('cut:0:0.15' with a threshold); ':f1'/':f2' adds a
-    forecast of that order to either."""
-    parts = text.split(":")
-    try:
-        if len(parts) < 2:
-            raise ValueError
-        head, branch, rest = parts[0], int(parts[1]), parts[2:]
-        forecast = 0
-        if rest and rest[-1].startswith("f") and rest[-1][1:].isdigit():
-            forecast = int(rest.pop()[1:])
-        if head in SIGNALS:
-            if len(rest) > 1:
-                raise ValueError
-            return Setting.adaptive(steps, head, branch, float(rest[0]) if rest else None, forecast)
-        if len(rest) > 1:
-            raise ValueError
-        return Setting.dcfx(steps, int(head), branch, *(rest or ["uniform"]), forecast=forecast)
-    except ValueError as e:
-        detail = f" ({e})" if str(e) else ""
-        raise ValueError(
-            f"setting {text!r} must be {SETTING_FORMS}; signals {', '.join(SIGNALS)}, schedules "
-            f"uniform or nonuniform, e.g. 3:0 or cut:0:0.15{detail}"
-        ) from None
+    return model, is_digits
 
 
 def check_output(path: Path, force: bool) -> str | None:
@@ -156,7 +121,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the sampler: the model's own DDIM (default), or another with 'trailing' timestep spacing "
                         "(dpm++2m and unipc are the strong few-step solvers)")
     p.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), metavar="SETTING",
-                   help=f"dcfx settings, each {SETTING_FORMS} (default: %(default)s)")
+                   help=f"dcfx settings, each {SETTING_FORMS}, then any DeepCacheConfig FIELD=VALUE (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (digits default 1.5; 1 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-matched", action="store_true", help="skip the fewer-step plain rows")
@@ -170,7 +135,7 @@ def run(args: argparse.Namespace) -> str:
     """Runs the demo; returns (and prints) the table."""
     if args.samples < 1 or args.steps < 1:
         raise ValueError(f"--samples and --steps must be >= 1, got {args.samples} and {args.steps}")
-    settings = [parse_setting(s, args.steps) if isinstance(s, str) else s for s in args.settings]
+    settings = [Setting.of(args.steps, DeepCacheConfig.from_setting(s)) if isinstance(s, str) else s for s in args.settings]
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")

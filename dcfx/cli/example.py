@@ -16,6 +16,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from .. import DeepCacheConfig, optimize, report
+from ..models.calls import example_call
 from ..models.sd_shaped import SIZES, random_unet
 from ._model import parse_device
 
@@ -57,14 +58,13 @@ def run(args: argparse.Namespace) -> None:
     )
     torch.manual_seed(0)
     unet = random_unet(args.size).to(device)
-    width = unet.config.cross_attention_dim
-    latents = torch.randn(1, 4, args.resolution, args.resolution, device=device)
-    ehs = torch.randn(2, 77, width, device=device)
+    call = example_call(unet, 1, args.resolution)  # one prompt, guided: a batch of 2
+    latents, ehs = call.args[0][:1], call.kwargs["encoder_hidden_states"]
     fast = optimize(unet, config)
     scheduler = DDIMScheduler()
 
     with torch.no_grad():
-        print(report(fast, latents.repeat(2, 1, 1, 1), 999, ehs, num_steps=args.steps, branches=[args.branch]))
+        print(report(fast, *call.args, **call.kwargs, num_steps=args.steps, branches=[args.branch]))
         fast.begin(args.steps)  # the first generation also captures (and compiles) the graphs
         _sample(fast, scheduler, latents, ehs, args.steps)
         # Alternate plain and dcfx generations and keep each step's best time: this machine

@@ -19,7 +19,7 @@ import torch
 from ..api import optimize
 from ..config import DeepCacheConfig
 from ..inspection import WRITTEN_BY
-from ._model import DTYPES, add_model_arguments, build_model, example_call, native_resolution
+from ._model import DTYPES, add_model_arguments, build_model, model_call, native_resolution
 
 FILES = ("full.py", "shallow.py", "cut.txt")
 
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> str:
     meta, dtype = torch.device("meta"), DTYPES[args.dtype]
     unet, name = build_model(args, meta, dtype)
     resolution = args.resolution or native_resolution(args, unet)
-    call_args, kwargs, _ = example_call(unet, args, resolution, meta, dtype)
+    call_args, kwargs, _ = model_call(unet, args, resolution, meta, dtype)
     fast = optimize(unet, DeepCacheConfig(branch=args.branch, fuse_cut=not args.no_fuse))
     graphs = fast.graphs(*call_args, **kwargs)
     paths = graphs.write(args.out, overwrite=True)  # check_out refused what dcfx did not write

@@ -32,7 +32,7 @@ from ..api import optimize
 from ..config import DeepCacheConfig
 from ..inspection import _human_bytes
 from ..report import report
-from ._model import DTYPES, add_model_arguments, build_model, example_call, native_resolution, parse_device
+from ._model import DTYPES, add_model_arguments, build_model, model_call, native_resolution, parse_device
 
 FUSED_OP = "dcfx::cat_group_norm_silu"
 # The fused op's Triton kernels (dcfx.kernels: its own and the statistics kernel), eager or compiled.
@@ -292,7 +292,7 @@ def _run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, not
     unet, model_name = build_model(args, device, dtype)
     native = native_resolution(args, unet)
     resolution = args.resolution or (native if cuda else min(native, 32))
-    call = example_call(unet, args, resolution, device, dtype)
+    call = model_call(unet, args, resolution, device, dtype)
     config = DeepCacheConfig(interval=args.interval, branch=args.branch, compile=args.compile)
     fast = optimize(unet, config)
 

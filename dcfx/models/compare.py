@@ -2,7 +2,7 @@
 
 A `Setting` is plain DDIM or dcfx at some (interval, branch, schedule) and step count; a
 `Sampler` runs settings on one model with fixed noise and labels and counts their FLOPs (from
-`dcfx.report`); `matched_ddim` finds the plain DDIM step count of about the same FLOPs as a
+`dcfx.report`, priced by `dcfx.costs`); `matched_ddim` finds the plain DDIM step count of about the same FLOPs as a
 dcfx setting (the paper's "fewer steps" baseline); `evaluate` scores samples against the
 plain ones (and, with the digits judge, for class accuracy and Fréchet distance). Shared by
 `dcfx demo` and `benchmarks/fidelity_study.py`.
@@ -19,8 +19,10 @@ from torch import nn
 
 from ..api import disable, enable, optimize
 from ..config import DeepCacheConfig
+from ..costs import GraphCost
 from ..report import report
 from ..schedule import StepSchedule
+from .calls import example_call
 from .quality import psnr
 
 # name -> (display name, diffusers scheduler class name, overrides of the model's DDIM config)
@@ -56,16 +58,18 @@ class Setting:
         return Setting(f"{sampler} {steps}", steps)
 
     @staticmethod
-    def dcfx(steps: int, interval: int, branch: int, schedule: str = "uniform", forecast: int = 0) -> "Setting":
-        tag = ("" if schedule == "uniform" else f" {schedule}") + (f" forecast {forecast}" if forecast else "")
-        config = DeepCacheConfig(interval=interval, branch=branch, schedule=schedule, forecast=forecast)
-        return Setting(f"dcfx N={interval} b={branch}{tag}", steps, config)
-
-    @staticmethod
-    def adaptive(steps: int, signal: str, branch: int, threshold: float | None = None, forecast: int = 0) -> "Setting":
-        config = DeepCacheConfig(branch=branch, adaptive=signal, threshold=threshold, forecast=forecast)
-        tag = (f" {threshold:g}" if threshold is not None else "") + (f" forecast {forecast}" if forecast else "")
-        return Setting(f"dcfx {signal}{tag} b={branch}", steps, config)
+    def of(steps: int, config: DeepCacheConfig) -> "Setting":
+        """dcfx with `config`, named after its policy ("dcfx N=3 b=0", "dcfx cut 0.15 b=0"; a
+        config with other fields off their defaults by its setting, "dcfx 3:0:warmup=3")."""
+        c = config
+        forecast = f" forecast {c.forecast}" if c.forecast else ""
+        if "=" in c.setting:
+            name = f"dcfx {c.setting}"
+        elif c.adaptive is not None:
+            name = f"dcfx {c.adaptive}{f' {c.threshold:g}' if c.threshold is not None else ''}{forecast} b={c.branch}"
+        else:
+            name = f"dcfx N={c.interval} b={c.branch}{' nonuniform' if c.schedule == 'nonuniform' else ''}{forecast}"
+        return Setting(name, steps, config)
 
 
 @dataclass
@@ -98,7 +102,7 @@ class Sampler:
         # A bare conditional U-Net gets a fixed random stand-in for a text embedding.
         width = getattr(cfg, "cross_attention_dim", None)
         self.cond = None if self.is_pipeline or width is None else torch.randn(num_samples, 77, width, generator=gen)
-        self._graph_flops: dict[tuple[int, bool], tuple[int, int]] = {}
+        self._costs: dict[tuple[int, bool], GraphCost] = {}
 
     def run(self, setting: Setting) -> Result:
         """Samples `setting` once (timed), after an untimed warm-up that builds its graphs."""
@@ -113,36 +117,34 @@ class Sampler:
         """FLOPs of one generation of `setting` (for one sample's CFG batch), from dcfx.report;
         an adaptive setting's from the steps it ran (`history`, 'F'/'S' per step)."""
         config = setting.config or DeepCacheConfig(interval=1)  # plain: every step full
-        full, shallow = self._flops_per_call(config)
         if history is not None:
             num_full = history.count("F")
         elif config.adaptive is not None:
             raise ValueError(f"{setting.name}: an adaptive setting's FLOPs are known once it ran (pass its history)")
         else:
             num_full = len(StepSchedule(config).full_steps(setting.steps))
-        return num_full * full + (setting.steps - num_full) * shallow
+        return self._cost(config).generation_flops(num_full, setting.steps - num_full)
 
-    def _flops_per_call(self, config: DeepCacheConfig) -> tuple[int, int]:
-        """(full, shallow) graph FLOPs of one call at `config`'s branch. Counted once per branch:
-        each count captures the U-Net, which takes longer than sampling a small model."""
+    def _cost(self, config: DeepCacheConfig) -> GraphCost:
+        """The graphs' cost per call at `config`'s branch. Counted once per branch: each count
+        captures the U-Net, which takes longer than sampling a small model."""
         key = (config.branch, config.fuse_cut)
-        if key not in self._graph_flops:
+        if key not in self._costs:
             args, kwargs = self._example_call()
             counted = DeepCacheConfig(branch=config.branch, fuse_cut=config.fuse_cut)
             r = report(self.unet, *args, config=counted, num_steps=1, branches=[config.branch], **kwargs).branches[0]
-            self._graph_flops[key] = (r.full_flops, r.shallow_flops)
-        return self._graph_flops[key]
+            self._costs[key] = r.cost
+        return self._costs[key]
 
     def _example_call(self) -> tuple[tuple, dict]:
-        batch = 2 if self.is_pipeline and self.guidance_scale > 1 else 1
-        x = self.latents[:1].repeat(batch, 1, 1, 1)
-        t = torch.tensor([999])
+        # One call's shapes are all FLOPs depend on: a CFG batch of one sample for the
+        # pipeline (label tokens), one unguided row for a bare U-Net (the sampler's).
         if self.is_pipeline:
-            ehs = self.model.label_embedding(torch.zeros(batch, dtype=torch.int64))
-            return (x, t), {"encoder_hidden_states": ehs.detach()}
-        if self.cond is not None:
-            return (x, t), {"encoder_hidden_states": self.cond[:1]}
-        return (x, t), {}
+            tokens = self.model.label_embedding.config.tokens_per_class
+            call = example_call(self.unet, 1, guided=self.guidance_scale > 1, tokens=tokens)
+        else:
+            call = example_call(self.unet, 1, guided=False)
+        return call.args, call.kwargs
 
     def _generate(self, setting: Setting, warmup: bool = False) -> tuple[torch.Tensor, str]:
         steps = 2 if warmup else setting.steps

@@ -1,17 +1,21 @@
 """Graph passes: split (full and shallow graph, or head, rest and tail), fuse (the shallow
 graph's cut point, and the cached feature's statistics moved to the full graph), forecast (the
-shallow graph extrapolates the cached feature)."""
+shallow graph extrapolates the cached feature). `build_graphs` runs them for one config and
+returns the graphs with their `CacheLayout`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import fx
 
 from ..config import DeepCacheConfig
 from .forecast import FORECAST_META, forecast
 from .fuse import cache_cut_stats, fuse_cut, fusion_disabled
+from .layout import HEADED, PAIR, CacheLayout, UNetCut
 from .split import CACHED_OUTPUTS, split, split_head
+
+__all__ = ["CacheLayout", "GraphSet", "PassOptions", "UNetCut", "build_graphs", "deepcache_graphs", "pass_options"]
 
 
 def pass_options(config: DeepCacheConfig) -> tuple[int, bool]:
@@ -25,10 +29,8 @@ def deepcache_graphs(gm: fx.GraphModule, branch: int, fuse: bool) -> tuple[fx.Gr
     The full graph's last `meta["dcfx_cached_outputs"]` outputs are the shallow graph's last
     inputs, in order.
     """
-    graphs = split(gm, branch)
-    if not fuse:
-        return graphs.full, graphs.shallow
-    return cache_cut_stats(graphs.full, fuse_cut(graphs.shallow))
+    graphs = build_graphs(gm, PassOptions(branch, fuse)).graphs
+    return graphs["full"], graphs["shallow"]
 
 
 @dataclass(frozen=True)
@@ -39,35 +41,21 @@ class PassOptions:
     fuse: bool
     forecast: int = 0  # forecast order of the shallow graph (0: the feature is reused)
     head: bool = False  # head, rest and tail instead of full and shallow (adaptive gating)
-    timestep_index: int | None = None  # the timestep's placeholder (forecast needs it)
+    timestep_index: int | None = None  # the timestep's placeholder (a forecast needs it)
 
     @classmethod
     def of(cls, config: DeepCacheConfig, timestep_index: int | None) -> "PassOptions":
         branch, fuse = pass_options(config)
-        return cls(branch, fuse, config.forecast, config.needs_head, timestep_index if config.forecast else None)
+        return cls(branch, fuse, config.forecast, config.needs_head, timestep_index)
 
 
 @dataclass
 class GraphSet:
-    """The graphs of one captured call under `PassOptions`, by kind.
-
-    Fixed and latent-gated policies: `full(*inputs)` -> outputs + cached, `shallow(*inputs,
-    *cached_inputs)` -> outputs. Head-gated policies: `head(*inputs)` -> boundary,
-    `rest(*inputs, *boundary)` -> outputs + cached, `tail(*inputs, *boundary, *cached_inputs)`
-    -> outputs. `num_cached` trailing outputs of full/rest are kept; the cached inputs are
-    those, or with a forecast the feature's history (c0, c1, ..., times).
-    """
+    """The graphs of one captured call under `PassOptions`, by kind (`layout.graphs`), and
+    their layout."""
 
     graphs: dict[str, fx.GraphModule]
-    num_cached: int
-    forecast: int = 0
-    num_boundary: int = 0
-    skip_index: int = -1  # the boundary output that is s_b (head-gated policies)
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def head(self) -> bool:
-        return "head" in self.graphs
+    layout: CacheLayout
 
 
 def build_graphs(gm: fx.GraphModule, options: PassOptions) -> GraphSet:
@@ -76,11 +64,11 @@ def build_graphs(gm: fx.GraphModule, options: PassOptions) -> GraphSet:
         parts = split_head(gm, options.branch)
         full, shallow = parts.rest, parts.tail
         extra = {"head": parts.head}
-        boundary, skip_index = parts.num_boundary, parts.skip_index
+        boundary, cut_index = parts.num_boundary, parts.skip_index
     else:
-        graphs = split(gm, options.branch)
-        full, shallow = graphs.full, graphs.shallow
-        extra, boundary, skip_index = {}, 0, -1
+        parts = split(gm, options.branch)
+        full, shallow = parts.full, parts.shallow
+        extra, boundary, cut_index = {}, 0, -1
     if options.fuse:
         shallow = fuse_cut(shallow)
         if not options.forecast:
@@ -89,11 +77,14 @@ def build_graphs(gm: fx.GraphModule, options: PassOptions) -> GraphSet:
         if options.timestep_index is None:
             raise ValueError("a forecast needs the timestep's position among the graph inputs")
         shallow = forecast(shallow, options.forecast, options.timestep_index)
-    names = ("rest", "tail") if options.head else ("full", "shallow")
-    return GraphSet(
-        {**extra, names[0]: full, names[1]: shallow},
+    names = HEADED if options.head else PAIR
+    layout = CacheLayout(
+        cut=UNetCut(options.branch, parts.num_skips),
+        graphs=names,
         num_cached=full.meta.get(CACHED_OUTPUTS, 1),
         forecast=shallow.meta.get(FORECAST_META, 0),
         num_boundary=boundary,
-        skip_index=skip_index,
+        cut_index=cut_index,
+        timestep_index=options.timestep_index,
     )
+    return GraphSet({**extra, names[-2]: full, names[-1]: shallow}, layout)

@@ -117,6 +117,7 @@ class HeadSplit:
     rest: fx.GraphModule
     tail: fx.GraphModule
     branch: int
+    num_skips: int
     num_boundary: int
     skip_index: int  # which boundary output is s_b, the fresh feature at the cut
 
@@ -128,7 +129,7 @@ def split_head(gm: fx.GraphModule, branch: int) -> HeadSplit:
     head, rest, tail, names = cut_head(gm, graphs.full, graphs.shallow)
     if cut.skip.name not in names:
         raise AssertionError(f"the skip tensor {cut.skip.name} is not among the head's outputs")
-    return HeadSplit(head, rest, tail, branch, len(names), names.index(cut.skip.name))
+    return HeadSplit(head, rest, tail, branch, graphs.num_skips, len(names), names.index(cut.skip.name))
 
 
 def cut_head(gm: fx.GraphModule, full: fx.GraphModule, shallow: fx.GraphModule,

@@ -4,7 +4,7 @@
 - `graphs`: the graph cache (graphs per module state and input signature, export limits);
 - `slots`: the slot cache (what a stream keeps between steps: cached features, forecast
   history, the adaptive signal's references);
-- `spent`: what a generation cost;
+- `spent`: what a generation ran, priced by `dcfx.costs`;
 - `unet`: `DeepCacheUNet`, composing them with a policy (`dcfx.policies`).
 """
 

@@ -85,7 +85,7 @@ class StepGraphs:
 
     def _kinds(self) -> list[str]:
         kinds = ["first", "full", "shallow"]
-        if self.entry.head:
+        if self.entry.layout.head:
             kinds.insert(0, "signal")
         elif self.policy.adaptive == "latent":
             kinds.insert(0, "signal")
@@ -93,7 +93,8 @@ class StepGraphs:
 
     def _runner(self, kind: str) -> Callable[[], None]:
         entry, inputs, adaptive = self.entry, self.call.tensors, self.policy.adaptive
-        timestep = inputs[entry.timestep_index] if entry.timestep_index is not None else None
+        layout = entry.layout
+        timestep = inputs[layout.timestep_index] if layout.timestep_index is not None else None
         sample = self.call.sample
 
         def run(graph: str, *extra: torch.Tensor) -> tuple:
@@ -101,9 +102,9 @@ class StepGraphs:
 
         if kind == "signal":
             def signal() -> None:
-                if entry.head:
+                if layout.head:
                     self._boundary = run("head")
-                    fresh = self._boundary[entry.skip_index]
+                    fresh = self._boundary[layout.cut_index]
                     if self._slot is not None and self._slot.reference is not None:
                         self._signal.copy_(relative_l1(fresh, self._slot.reference))
                         if adaptive == "accumulated":
@@ -114,24 +115,24 @@ class StepGraphs:
 
         if kind in ("first", "full"):
             def full() -> None:
-                if entry.head and not self._boundary:
+                if layout.head and not self._boundary:
                     self._boundary = run("head")
-                outputs = run("rest" if entry.head else "full", *self._boundary)
-                cached = outputs[len(outputs) - entry.num_cached:]
+                outputs = run(layout.full_kind, *self._boundary)
+                cached = outputs[len(outputs) - layout.num_cached:]
                 if self._slot is not None:
                     self._slot.generation = -1 if kind == "first" else 0  # restart or shift the history
-                self._slot = store(self._slot, cached, 0, entry.forecast, timestep)
-                if entry.head:
-                    keep_reference(self._slot, self._boundary[entry.skip_index], 0)
+                self._slot = store(self._slot, cached, 0, layout.forecast, timestep)
+                if layout.head:
+                    keep_reference(self._slot, self._boundary[layout.cut_index], 0)
                 if adaptive == "latent":
                     keep_sample(self._slot, sample, 0)
-                self._outputs[kind] = outputs[: len(outputs) - entry.num_cached]
+                self._outputs[kind] = outputs[: len(outputs) - layout.num_cached]
             return full
 
         def shallow() -> None:
-            if entry.head and not self._boundary:
+            if layout.head and not self._boundary:
                 self._boundary = run("head")
-            outputs = run("tail" if entry.head else "shallow", *self._boundary, *self._slot.inputs())
+            outputs = run(layout.shallow_kind, *self._boundary, *self._slot.inputs())
             if adaptive == "latent":
                 keep_sample(self._slot, sample, 0)
             self._outputs["shallow"] = outputs

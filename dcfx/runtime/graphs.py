@@ -32,11 +32,12 @@ import torch
 from torch import nn
 
 from .._torch_private import pytree
-from ..capture import Call, capture, changed_arguments, describe_signature
+from ..capture import Call, capture
+from ..signature import changed_arguments, describe_signature
 from ..compile import TRACING, Compiler, LazyGraph
 from ..config import DeepCacheConfig
-from ..flops import count_flops
-from ..passes import GraphSet, PassOptions, build_graphs
+from ..costs import GraphCost, graph_cost
+from ..passes import CacheLayout, GraphSet, PassOptions, build_graphs
 
 # Module states whose graphs and cache buffers are kept (dtype/device moves, FreeU on/off, ...).
 MAX_STATES = 8
@@ -66,62 +67,34 @@ class Entry:
     key: tuple
     out_spec: pytree.TreeSpec
     graphs: dict[str, LazyGraph | Fixed]
-    num_cached: int = 1  # trailing outputs of full/rest kept for shallow/tail
-    forecast: int = 0
-    num_boundary: int = 0
-    skip_index: int = -1
-    branch: int = 0
+    layout: CacheLayout
     cuda: bool = False  # the signature pins the device: NVTX ranges or not, decided once
-    timestep_index: int | None = None
     example: tuple | None = None  # the capture's inputs (meta copies), to count FLOPs
     serial: int = field(default_factory=lambda: next(_SERIAL))
-    _flops: dict[str, int] | None = None
+    _cost: GraphCost | None = None
 
     def __post_init__(self) -> None:
-        # Profiler (and NVTX) range names: which graph ran, at which branch.
-        self.ranges = {kind: f"dcfx.{kind}[b{self.branch}]" for kind in self.graphs}
-
-    @property
-    def head(self) -> bool:
-        return "head" in self.graphs
+        # Profiler (and NVTX) range names: which graph ran, at which cut.
+        self.ranges = {kind: f"dcfx.{kind}[{self.layout.cut.label}]" for kind in self.graphs}
 
     @property
     def full(self) -> LazyGraph | Fixed:
         """The graph of a full step (rest, for a head-gated policy)."""
-        return self.graphs["rest" if self.head else "full"]
+        return self.graphs[self.layout.full_kind]
 
     @property
     def shallow(self) -> LazyGraph | Fixed:
         """The graph of a shallow step (tail, for a head-gated policy)."""
-        return self.graphs["tail" if self.head else "shallow"]
+        return self.graphs[self.layout.shallow_kind]
 
-    def flops(self) -> dict[str, int] | None:
-        """FLOPs per call of each graph (dcfx.report's counter), counted on meta tensors once."""
-        if self._flops is None and self.example is not None:
+    def cost(self) -> GraphCost | None:
+        """FLOPs per call of each graph (`dcfx.costs`), counted on meta tensors once; None
+        for graphs without FX code (AOT-compiled)."""
+        if self._cost is None and self.example is not None:
             graphs = {k: g.graph for k, g in self.graphs.items() if isinstance(g, LazyGraph)}
             if len(graphs) == len(self.graphs):
-                self._flops = _graph_flops(graphs, self.example, self.num_cached, self.forecast)
-        return self._flops
-
-
-def _graph_flops(graphs: dict, inputs: tuple, num_cached: int, forecast: int) -> dict[str, int]:
-    out: dict[str, int] = {}
-    boundary: tuple = ()
-    if "head" in graphs:
-        out["head"], boundary = count_flops(graphs["head"], inputs)
-    full = graphs.get("rest", graphs.get("full"))
-    out["rest" if "head" in graphs else "full"], outputs = count_flops(full, (*inputs, *boundary))
-    cached = list(outputs[len(outputs) - num_cached:])
-    if forecast:
-        feature = cached[0]
-        cached = [feature] * (forecast + 1) + [torch.zeros(forecast + 2, device="meta")]
-    out["tail" if "head" in graphs else "shallow"], _ = count_flops(
-        graphs.get("tail", graphs.get("shallow")), (*inputs, *boundary, *cached)
-    )
-    if "head" in graphs:
-        out["full"] = out["head"] + out["rest"]
-        out["shallow"] = out["head"] + out["tail"]
-    return out
+                self._cost = graph_cost(graphs, self.layout, self.example)
+        return self._cost
 
 
 class GraphCache:
@@ -142,6 +115,11 @@ class GraphCache:
     def entries(self) -> dict[tuple, Entry]:
         """The current module state's entries, by signature key."""
         return self.states.get(self.fingerprint, {})
+
+    def all_entries(self) -> list[Entry]:
+        """Every module state's entries, and a preloaded one (oldest state first)."""
+        out = [e for state in self.states.values() for e in state.values()]
+        return out + ([self.preloaded[2]] if self.preloaded is not None else [])
 
     # -- module state -------------------------------------------------------------------
 
@@ -247,24 +225,18 @@ class GraphCache:
         if graphs is None:
             graphs = shared[graphs_key] = build_graphs(cap.graph_module, options)
         return Entry(
-            call.key, cap.out_spec, {k: LazyGraph(g, k) for k, g in graphs.graphs.items()},
-            num_cached=graphs.num_cached, forecast=graphs.forecast, num_boundary=graphs.num_boundary,
-            skip_index=graphs.skip_index, branch=self.config.branch, cuda=any(t.is_cuda for t in call.tensors),
-            timestep_index=call.timestep_index,
+            call.key, cap.out_spec, {k: LazyGraph(g, k) for k, g in graphs.graphs.items()}, graphs.layout,
+            cuda=any(t.is_cuda for t in call.tensors),
             example=tuple(torch.empty_like(t, device="meta") for t in call.tensors),
         )
 
     def preload(self, graphs: Any, runners: dict[str, Callable]) -> None:
-        """Run `runners` (AOT-compiled graphs by kind: full and shallow, or head, rest and
-        tail) for calls with `graphs.key`, and refuse every other signature. `graphs` has
-        `key`, `signature`, `out_spec`, `num_cached`, `forecast`, `num_boundary`,
-        `skip_index` and `timestep_index` (a `DeepCacheGraphs` or a package's record)."""
+        """Run `runners` (AOT-compiled graphs by kind, as `graphs.layout.graphs` names them)
+        for calls with `graphs.key`, and refuse every other signature. `graphs` has `key`,
+        `signature`, `out_spec` and `layout` (a `DeepCacheGraphs` or a package's record)."""
         entry = Entry(
-            graphs.key, graphs.out_spec, {kind: Fixed(fn, kind) for kind, fn in runners.items()},
-            num_cached=graphs.num_cached, forecast=graphs.forecast, num_boundary=graphs.num_boundary,
-            skip_index=graphs.skip_index, branch=self.config.branch,
+            graphs.key, graphs.out_spec, {kind: Fixed(fn, kind) for kind, fn in runners.items()}, graphs.layout,
             cuda=any(leaf[0] == "T" and torch.device(leaf[3]).type == "cuda" for leaf in graphs.key[1]),
-            timestep_index=graphs.timestep_index,
         )
         self.preloaded = (graphs.key, graphs.signature, entry)
 

@@ -25,13 +25,14 @@ def run_call(entry: Entry, call: Any, place: Placement, compiler: Any, policy: P
              observer: Callable | None = None) -> tuple:
     """Run one call; returns the output leaves. `observer` sees every full step (calibration)."""
     step, gen, stream = place.step, place.generation, place.stream
+    layout = entry.layout
     slot = stream.caches.get(entry)
     valid = slot is not None and slot.generation == gen.index
     adaptive, decide = policy.adaptive, step.full is None and place.first
     inputs, boundary = call.tensors, ()
-    if entry.head:
+    if layout.head:
         boundary = _graph(entry, "head", gen, compiler, inputs)
-        fresh = boundary[entry.skip_index]
+        fresh = boundary[layout.cut_index]
         if decide:
             ok = valid and slot.reference_generation == gen.index
             step.signal = float(relative_l1(fresh, slot.reference).item()) if ok else None  # the one read
@@ -43,19 +44,19 @@ def run_call(entry: Entry, call: Any, place: Placement, compiler: Any, policy: P
     full = step.full is not False or not valid
     gen.counts["misses"] += full and step.full is False
     if full:
-        kind = "rest" if entry.head else "full"
+        kind = layout.full_kind
         gen.counts[(entry.serial, kind)] += 1
         with _range(entry.ranges[kind], entry.cuda):
             outputs = entry.graphs[kind](compiler, *inputs, *boundary)
-            outputs, cached = outputs[: -entry.num_cached], outputs[-entry.num_cached :]
+            outputs, cached = outputs[: -layout.num_cached], outputs[-layout.num_cached :]
             with _range("dcfx.cache_copy", entry.cuda):
-                t = inputs[entry.timestep_index] if entry.timestep_index is not None else None
-                slot = stream.caches[entry] = store(slot, cached, gen.index, entry.forecast, t)
+                t = inputs[layout.timestep_index] if layout.timestep_index is not None else None
+                slot = stream.caches[entry] = store(slot, cached, gen.index, layout.forecast, t)
     else:
-        outputs = _graph(entry, "tail" if entry.head else "shallow", gen, compiler, (*inputs, *boundary, *slot.inputs()))
-    if entry.head and (full or adaptive == "accumulated"):
+        outputs = _graph(entry, layout.shallow_kind, gen, compiler, (*inputs, *boundary, *slot.inputs()))
+    if layout.head and (full or adaptive == "accumulated"):
         keep_reference(slot, fresh, gen.index)
-    if observer is not None and full and entry.head:
+    if observer is not None and full and layout.head:
         observer(gen.index, stream, step.index, call.sample, cached[0], fresh)
     if adaptive == "latent":
         keep_sample(slot, call.sample, gen.index)

@@ -19,11 +19,12 @@ from .. import compile as _compile
 from .._torch_private import pytree
 from ..capture import CallBinder, FloatsNotLiftable
 from ..config import DeepCacheConfig
+from ..costs import Spent
 from ..inspection import DeepCacheGraphs, graphs_of
 from ..policies import Policy
 from .graphs import Entry, GraphCache
 from .run import run_call
-from .spent import Spent, spent_of
+from .spent import spent_of
 from .steps import Generation, StepTracker
 
 

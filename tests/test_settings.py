@@ -1,0 +1,64 @@
+"""Settings: a `DeepCacheConfig` written short (`DeepCacheConfig.from_setting`, `config.setting`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dcfx import DeepCacheConfig
+
+
+@pytest.mark.parametrize(
+    "text, config, canonical",
+    [
+        ("3:0", DeepCacheConfig(interval=3, branch=0), "3:0"),
+        (" 3 : 0:uniform ", DeepCacheConfig(interval=3), "3:0"),
+        ("5:2:nonuniform", DeepCacheConfig(interval=5, branch=2, schedule="nonuniform"), "5:2:nonuniform"),
+        ("2:1:f1", DeepCacheConfig(interval=2, branch=1, forecast=1), "2:1:f1"),
+        ("5:0:f2:nonuniform", DeepCacheConfig(interval=5, schedule="nonuniform", forecast=2), "5:0:nonuniform:f2"),
+        ("cut:0", DeepCacheConfig(adaptive="cut"), "cut:0"),
+        ("cut:1:0.15:f1", DeepCacheConfig(adaptive="cut", branch=1, threshold=0.15, forecast=1), "cut:1:0.15:f1"),
+        ("latent:0:f2", DeepCacheConfig(adaptive="latent", forecast=2), "latent:0:f2"),
+        ("interval=2,branch=0,schedule=(0, 3, 7)", DeepCacheConfig(interval=2, schedule=(0, 3, 7)), "2:0:schedule=(0,3,7)"),
+        ("interval=2,branch=0,schedule='nonuniform',center=1",
+         DeepCacheConfig(interval=2, schedule="nonuniform", center=1), "2:0:nonuniform:center=1"),
+        ("3:0:warmup=3,compile_mode=max-autotune", DeepCacheConfig(warmup=3, compile_mode="max-autotune"),
+         "3:0:compile_mode=max-autotune:warmup=3"),
+        ("2:0:compile_options={'freezing': True}", DeepCacheConfig(interval=2, compile_options={"freezing": True}),
+         "2:0:compile_options={'freezing': True}"),
+    ],
+)
+def test_a_setting_reads_as_its_config_and_writes_back_canonically(text, config, canonical):
+    assert DeepCacheConfig.from_setting(text) == config
+    assert config.setting == canonical
+    assert DeepCacheConfig.from_setting(canonical) == config
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("3", "must be N:B[:nonuniform][:fK] (a fixed schedule) or SIGNAL:B[:THRESHOLD][:fK] (adaptive)"),
+        ("off", "N:B is INTERVAL:BRANCH"),
+        ("sharp:0", "'sharp' is neither an interval nor a signal"),
+        ("3:0:cosine", "schedule must be one of"),
+        ("cut:0:-1", "threshold must be a number > 0"),
+        ("cut:0:nonuniform", "threshold must be a number > 0, got 'nonuniform'"),
+        ("3:0:f3", "forecast must be one of (0, 1, 2)"),
+        ("0:0", "interval must be"),
+        ("3:x", "branch must be an integer, got 'x'"),
+        ("3:0:interval=4", "interval given twice"),
+        ("3:0:speed=2", "unknown field(s) speed"),
+        (3, "a setting is a string"),
+    ],
+)
+def test_a_bad_setting_names_the_valid_forms(text, says):
+    with pytest.raises(ValueError) as info:
+        DeepCacheConfig.from_setting(text)
+    assert says in str(info.value)
+
+
+def test_a_calibrated_config_has_no_setting():
+    from dcfx.config import Calibration
+
+    config = DeepCacheConfig(schedule=(0, 2), calibration=Calibration("m", "U", "s", "S", 4, 3.0))
+    with pytest.raises(ValueError, match="config.save"):
+        config.setting
