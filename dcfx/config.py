@@ -148,7 +148,7 @@ class DeepCacheConfig:
     @property
     def setting(self) -> str:
         """This config written short: `DeepCacheConfig.from_setting(config.setting) == config`.
-        Fixed schedules read N:B[:nonuniform][:fK], adaptive ones SIGNAL:B[:THRESHOLD][:fK],
+        Fixed schedules read `N:B[:nonuniform][:fK]`, adaptive ones `SIGNAL:B[:THRESHOLD][:fK]`,
         then the fields off their defaults as FIELD=VALUE. A calibrated config has none (its
         calibration is a record, not a value: `save` it)."""
         if self.calibration is not None:

@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from dcfx.capture import CallBinder, capture, module_path
-from dcfx.flops import count_flops
+from dcfx.costs import count_flops
 from dcfx.passes.forecast import forecast
 from dcfx.passes.fuse import cache_cut_stats, fuse_cut
 from dcfx.passes.split import CACHE_INPUT, CACHED_OUTPUTS
