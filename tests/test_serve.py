@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _benchmarks import script, tiny_study
+from _benchmarks import package, tiny_study
 
 pytest.importorskip("ray.serve", reason='Ray Serve is not installed (pip install "dcfx[serve]"; the test extra has it)')
 
@@ -311,7 +311,7 @@ def test_the_study_on_the_served_cluster_gives_the_serial_images_bit_for_bit(ser
     # Serve places the replica seconds after it starts, during the in-process tests; its
     # cluster then has one CPU left, so one Ray worker runs both tasks (Python, torch and
     # diffusers start once).
-    fs = script("fidelity_study")
+    fs = package("study")
     study = tiny_study()
     tasks = [(fs.Method("dpm++2m", 3), 0), (fs.Method("dpm++2m", 4, DeepCacheConfig(interval=2, branch=0)), 1)]
     assert fs.execute(study, tasks, tmp_path / "ray", ray_address=server.cluster()) == 2
