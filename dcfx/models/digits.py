@@ -24,6 +24,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
+from .conditional import check_output_type, class_labels, load_folder, to_output
 from .data import NUM_CLASSES, RESOLUTION
 
 WEIGHTS_DIR = Path(__file__).parent / "digits"
@@ -92,16 +93,6 @@ class DigitsPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, label_embedding=label_embedding, scheduler=scheduler)
 
-    def _labels(self, labels: int | Sequence[int] | torch.Tensor) -> torch.Tensor:
-        n = self.label_embedding.config.num_classes
-        values = torch.as_tensor(labels).reshape(-1)
-        if values.numel() == 0 or values.dtype.is_floating_point or values.dtype == torch.bool:
-            raise ValueError(f"labels must be one or more integer classes in 0..{n - 1}, got {labels!r}")
-        bad = [int(v) for v in values.tolist() if not 0 <= v < n]
-        if bad:
-            raise ValueError(f"unknown label(s) {bad}: this model draws the classes 0..{n - 1}")
-        return values.to(torch.int64)
-
     @torch.no_grad()
     def __call__(
         self,
@@ -114,9 +105,8 @@ class DigitsPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
     ) -> ImagePipelineOutput | tuple:
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-        labels = self._labels(labels).to(self.device)
+        check_output_type(output_type)
+        labels = class_labels(labels, self.label_embedding.config.num_classes).to(self.device)
         batch = labels.numel()
         unet = self.unet
         shape = (batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
@@ -146,11 +136,7 @@ class DigitsPipeline(DiffusionPipeline):
                 eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
             latents = self.scheduler.step(eps, t, latents, **step_kwargs).prev_sample
 
-        images = (latents.float() / 2 + 0.5).clamp(0, 1)
-        if output_type != "pt":
-            images = images.permute(0, 2, 3, 1).cpu().numpy()
-            if output_type == "pil":
-                images = self.numpy_to_pil(images)
+        images = to_output(latents, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
@@ -165,39 +151,14 @@ class DigitsPipeline(DiffusionPipeline):
         return out
 
 
-_EXPECTED = (
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors",
-    "label_embedding/config.json",
-    "label_embedding/diffusion_pytorch_model.safetensors",
-    "scheduler/scheduler_config.json",
-)
-
-
 def load_pipeline(path: str | Path, scheduler: Any = None) -> DigitsPipeline:
     """A `DigitsPipeline` from a folder in diffusers' layout (as `train_digits` writes it).
 
     Raises FileNotFoundError naming the missing files, or ValueError for a file that does
     not load (corrupt or of another model).
     """
-    path = Path(path)
-    missing = [name for name in _EXPECTED if not (path / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{path} is not a digits model folder: missing {', '.join(missing)} (expected "
-            f"{', '.join(_EXPECTED)}; `python -m dcfx.models.train_digits --out {path}` writes them)"
-        )
-    try:
-        # low_cpu_mem_usage=False: the models are small, and the default wants `accelerate`.
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", low_cpu_mem_usage=False)
-        embedding = LabelEmbedding.from_pretrained(path / "label_embedding", low_cpu_mem_usage=False)
-        if scheduler is None:
-            scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
-    except Exception as e:  # safetensors, json and diffusers each raise their own types
-        raise ValueError(f"the digits model in {path} could not be loaded (corrupt or foreign file?): {e}") from e
-    pipe = DigitsPipeline(unet=unet.eval(), label_embedding=embedding.eval(), scheduler=scheduler)
-    pipe.set_progress_bar_config(leave=False)
-    return pipe
+    models = {"unet": UNet2DConditionModel, "label_embedding": LabelEmbedding}
+    return load_folder(path, DigitsPipeline, models, DDIMScheduler, scheduler, "digits", "dcfx.models.train_digits")
 
 
 def digits(scheduler: Any = None) -> DigitsPipeline:
