@@ -35,6 +35,10 @@ from .options import ServeOptions, resolve
 from .service import BadRequest, DeadlineExceeded, Job, Service, count_images
 
 
+# Requests the ingress may be refusing at one time: each costs it a coroutine, no more.
+_REFUSALS_IN_FLIGHT = 256
+
+
 @serve.deployment
 class DiffusionDeployment:
     """The replicas: request bodies in, `@serve.batch` batches of images, `Service` out.
@@ -158,13 +162,14 @@ def app(options: ServeOptions | None = None, **changes: Any) -> serve.Applicatio
         max_queued_requests=-1 if queued is None else queued,
         ray_actor_options={"num_cpus": options.cpus_per_replica, "num_gpus": options.gpus_per_replica},
     ).bind(options)
-    # Room for every request the replicas hold or queue and for a burst of refusals, answered at
-    # once: the bound is the replicas' queue. Should the ingress fill up, Serve's proxy refuses
-    # the same way, in a line of text.
+    # Room for every request the replicas hold or queue and for a burst of refusals on their way
+    # out: the bound is the replicas' queue. Serve's proxy may queue a burst for the ingress a
+    # moment (its count lags the assignments, so a bound as small as the replicas' would refuse
+    # early); beyond that it refuses the same way (503 with Retry-After), in a line of text.
     held = options.replicas * options.max_batch_size
     ingress = HTTPIngress.options(
-        max_ongoing_requests=4 * (held + (held if queued is None else queued)),
-        max_queued_requests=-1 if queued is None else queued,
+        max_ongoing_requests=held + (queued or 0) + _REFUSALS_IN_FLIGHT,
+        max_queued_requests=_REFUSALS_IN_FLIGHT,
         backpressure_config=BackpressureConfig(retry_after_s=options.retry_after_s),
     )
     return ingress.bind(replicas, options)
