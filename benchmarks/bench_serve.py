@@ -2,7 +2,8 @@
 
     python benchmarks/bench_serve.py [--requests 16] [--concurrency 4] [--steps 20] [--setting 3:0]
                                      [--max-batch-size 4] [--fault-requests 32] [--cluster-cpus 2]
-                                     [--port 8123] [--out FILE]
+                                     [--burst 64] [--max-queued-requests 8] [--request-timeout-s 20]
+                                     [--long-steps 1000] [--port 8123] [--out FILE]
 
 Every phase is bounded in requests and in time (each request times out after --timeout-s):
 
@@ -18,7 +19,12 @@ Every phase is bounded in requests and in time (each request times out after --t
    batch. Every request ends as completed, refused with an HTTP error (status and message
    counted), or lost (no answer before its timeout). Then: how long until Serve reports both
    replicas running again, and whether a new replica answers.
-3. Bad requests: one of each kind, with the HTTP status and the error message.
+3. Overload. One replica with a bounded queue (--max-queued-requests) and a deadline
+   (--request-timeout-s): --burst one-image requests sent at once, each counted as completed,
+   refused (503, with its Retry-After) or past its deadline (504), with the latency of each
+   kind; then one --long-steps request and, half a second later, 8 ten-step ones: how long the
+   short ones took, and how the long one ended.
+4. Bad requests: one of each kind, with the HTTP status and the error message.
 """
 
 from __future__ import annotations
@@ -50,6 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-wait-s", type=float, default=0.05)
     p.add_argument("--fault-requests", type=int, default=32, help="requests of the fault phase")
     p.add_argument("--cluster-cpus", type=int, default=2, help="CPUs of the local Ray cluster")
+    p.add_argument("--burst", type=int, default=64, help="requests sent at once in the overload phase")
+    p.add_argument("--max-queued-requests", type=int, default=8, help="the overload phase's queue bound")
+    p.add_argument("--request-timeout-s", type=float, default=20.0, help="the overload phase's deadline")
+    p.add_argument("--long-steps", type=int, default=1000, help="steps of the overload phase's long request")
     p.add_argument("--port", type=int, default=8123, help="HTTP port on 127.0.0.1")
     p.add_argument("--timeout-s", type=float, default=180.0, help="a request without an answer by then is lost")
     p.add_argument("--out", type=Path, help="also write the markdown tables to this file")
@@ -59,10 +69,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class Outcome:
-    """One request: when it went out and came back, and how it ended."""
+    """One request: when it went out and came back, and how it ended (with a refusal's Retry-After)."""
 
-    def __init__(self, started: float, ended: float, status: int | None, answer: dict | None, error: str | None):
+    def __init__(self, started: float, ended: float, status: int | None, answer: dict | None, error: str | None,
+                 retry_after: str | None = None):
         self.started, self.ended, self.status, self.answer, self.error = started, ended, status, answer, error
+        self.retry_after = retry_after
 
     @property
     def kind(self) -> str:
@@ -84,7 +96,8 @@ def send(url: str, body: bytes | dict, timeout: float) -> Outcome:
             message = json.loads(text).get("error", text)
         except (ValueError, AttributeError):
             message = text
-        return Outcome(started, time.perf_counter(), e.code, None, " ".join(str(message).split())[:160])
+        return Outcome(started, time.perf_counter(), e.code, None, " ".join(str(message).split())[:160],
+                       e.headers.get("Retry-After"))
     except (urllib.error.URLError, OSError) as e:  # refused, reset or timed out: no answer
         return Outcome(started, time.perf_counter(), None, None, f"{type(e).__name__}: {e}"[:160])
 
@@ -121,10 +134,10 @@ def bodies(n: int, steps: int, setting: str, first_seed: int) -> list[dict]:
 # -- phases -----------------------------------------------------------------------------------
 
 
-def deploy(serve, dcfx_serve, args: argparse.Namespace, replicas: int) -> None:
+def deploy(serve, dcfx_serve, args: argparse.Namespace, replicas: int, **options) -> None:
     application = dcfx_serve.app(
-        settings=[args.setting], max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_s,
-        num_replicas=replicas, num_cpus=1, threads=1,
+        settings=[args.setting], max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_s,
+        replicas=replicas, cpus_per_replica=1, threads=1, **options,
     )
     started = time.perf_counter()
     serve.run(application, name=APP, route_prefix="/", logging_config={"enable_access_log": False})
@@ -237,6 +250,41 @@ def fault(url: str, ray, serve, args: argparse.Namespace) -> dict:
     return result
 
 
+def overload(url: str, args: argparse.Namespace) -> dict:
+    """A burst at one replica, then a long request ahead of short ones (see the docstring)."""
+    started = time.perf_counter()
+    burst = bodies(args.burst, args.steps, args.setting, 7000)
+    with concurrent.futures.ThreadPoolExecutor(len(burst)) as pool:
+        outcomes = list(pool.map(lambda b: send(url, b, args.timeout_s), burst))
+    by_status = collections.defaultdict(list)
+    for o in outcomes:
+        by_status[o.status].append(o)
+    latency = {status: [o.ended - o.started for o in group] for status, group in by_status.items()}
+    result = {
+        "burst": len(outcomes),
+        "counts": {str(k): len(v) for k, v in sorted(by_status.items(), key=lambda kv: str(kv[0]))},
+        "p50_s": {str(k): float(np.percentile(v, 50)) for k, v in latency.items()},
+        "max_s": {str(k): max(v) for k, v in latency.items()},
+        "retry_after": sorted({o.retry_after for o in by_status.get(503, [])} - {None}),
+        "errors": dict(collections.Counter(o.error for o in outcomes if o.error)),
+    }
+    with concurrent.futures.ThreadPoolExecutor(9) as pool:
+        long = pool.submit(send, url, {"label": 0, "seed": 1, "steps": args.long_steps, "dcfx": args.setting}, args.timeout_s)
+        time.sleep(0.5)
+        short = list(pool.map(lambda b: send(url, b, args.timeout_s), bodies(8, 10, args.setting, 8000)))
+        long = long.result()
+    result.update({
+        "long_status": long.status,
+        "long_s": long.ended - long.started,
+        "long_error": long.error,
+        "short_statuses": dict(collections.Counter(o.status for o in short)),
+        "short_max_s": max(o.ended - o.started for o in short),
+        "seconds": time.perf_counter() - started,
+    })
+    print(f"[overload] {result}", file=sys.stderr, flush=True)
+    return result
+
+
 BAD_REQUESTS = [
     ("unknown label", {"label": 12}),
     ("0 steps", {"label": 3, "steps": 0}),
@@ -261,7 +309,8 @@ def bad_requests(url: str, args: argparse.Namespace) -> list[dict]:
 # -- report -----------------------------------------------------------------------------------
 
 
-def report(args: argparse.Namespace, rows: list[dict], faults: dict, bad: list[dict], seconds: float, loads: tuple) -> str:
+def report(args: argparse.Namespace, rows: list[dict], faults: dict, over: dict, bad: list[dict], seconds: float,
+           loads: tuple) -> str:
     import ray
     import torch
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # also under `python -P`
@@ -304,6 +353,21 @@ def report(args: argparse.Namespace, rows: list[dict], faults: dict, bad: list[d
         f"{f['after_sent']} requests completed, a new replica answered: {'yes' if f['new_replica_answered'] else 'no'}, "
         f"the killed one: {'yes' if f['victim_answered_after_kill'] else 'no'}.",
         "",
+        f"Overload (1 replica, dcfx {args.setting}, max_queued_requests={args.max_queued_requests}, "
+        f"request_timeout_s={args.request_timeout_s:g}): {over['burst']} requests of {args.steps} steps at once.",
+        "",
+        "| HTTP status | requests | p50 latency s | max latency s |",
+        "|---|---:|---:|---:|",
+    ]
+    for status, n in over["counts"].items():
+        lines.append(f"| {status} | {n} | {over['p50_s'][status]:.2f} | {over['max_s'][status]:.2f} |")
+    lines += [""] + [f"- {n} x {message}" for message, n in over["errors"].items()]
+    lines += [
+        f"- Retry-After of the 503s: {', '.join(over['retry_after']) or 'none'} s.",
+        f"- One {args.long_steps}-step request, then 8 ten-step ones: the long one ended with HTTP "
+        f"{over['long_status']} after {over['long_s']:.1f} s{' (' + over['long_error'] + ')' if over['long_error'] else ''}; "
+        f"the short ones: {over['short_statuses']}, the last after {over['short_max_s']:.1f} s.",
+        "",
         "Bad requests:",
         "",
         "| request | body | HTTP status | error |",
@@ -318,7 +382,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args()
-    for name in ("requests", "concurrency", "steps", "max_batch_size", "fault_requests", "cluster_cpus"):
+    for name in ("requests", "concurrency", "steps", "max_batch_size", "fault_requests", "cluster_cpus", "burst",
+                 "max_queued_requests", "long_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.cluster_cpus < 2:
@@ -341,10 +406,13 @@ def main() -> None:
                 rows.append(measure(url, args, replicas, setting, seed=1000 * (2 * replicas + i)))
         faults = fault(url, ray, serve, args)
         bad = bad_requests(url, args)
+        deploy(serve, dcfx_serve, args, 1, max_queued_requests=args.max_queued_requests,
+               request_timeout_s=args.request_timeout_s)
+        over = overload(url, args)
     finally:
         serve.shutdown()
         ray.shutdown()
-    table = report(args, rows, faults, bad, time.perf_counter() - started, (load_start, os.getloadavg()[0]))
+    table = report(args, rows, faults, over, bad, time.perf_counter() - started, (load_start, os.getloadavg()[0]))
     print(table)
     if args.out:
         args.out.write_text(table)

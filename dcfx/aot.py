@@ -14,10 +14,10 @@ The file is torch's PT2 archive (a zip):
   torch's packager stores tensors that share storage once: the shallow graph's weights are
   a subset of the full graph's, so nothing is stored twice. Loading hands the same tensors
   to both models (`user_managed`), so they are in memory once too;
-- `extra/dcfx.json`: the manifest (format, dcfx and torch versions, the `DeepCacheConfig`,
-  the graphs' `CacheLayout`, the input signature in words, the U-Net's class, forward
-  parameters and diffusers config, dtype and device, the input and output tree specs in
-  torch's JSON) and, pickled, the rest of what the runtime needs exactly (signature key
+- `extra/dcfx.json`: the manifest (format, dcfx and torch versions, the `DeepCacheConfig`, the
+  graphs' `CacheLayout`, the signature in words and its batch, each graph's FLOPs, the U-Net's
+  class, forward parameters and diffusers config, dtype, device, the input and output tree
+  specs in torch's JSON) and, pickled, what else the runtime needs exactly (signature key
   leaves, config, forward signature).
 
 A package holds one input signature (shapes, dtypes, devices and non-tensor arguments, as
@@ -237,8 +237,7 @@ def _manifest(unet: nn.Module, config: DeepCacheConfig, graphs: Any) -> dict[str
     first = next(iter(unet.parameters()), None)
     dtype = first.dtype if first is not None else graphs.inputs[0].dtype
     forward = inspect.signature(unet.forward)
-    # Annotations may name classes the loading process does not have; pipelines need names,
-    # kinds and defaults only.
+    # Annotations may name classes a loading process lacks; pipelines need names, kinds and defaults.
     forward = forward.replace(
         parameters=[p.replace(annotation=inspect.Parameter.empty) for p in forward.parameters.values()],
         return_annotation=inspect.Signature.empty,
@@ -252,6 +251,7 @@ def _manifest(unet: nn.Module, config: DeepCacheConfig, graphs: Any) -> dict[str
         "torch": torch.__version__,
         "unet": type(unet).__name__,
         "signature": graphs.signature,
+        "batch": int(graphs.inputs[0].shape[0]), "flops": dict(graphs.cost.flops),  # the sample's rows; dcfx.costs
         "device": str(graphs.inputs[0].device),
         "dtype": str(dtype).removeprefix("torch."),
         "layout": graphs.layout.to_dict(),

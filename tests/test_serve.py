@@ -1,7 +1,8 @@
 """dcfx serve: requests checked with clear messages, batching that leaves each image as the local
 pipeline draws it, a diffusers text-to-image folder served with prompts, and `dcfx serve` itself:
-a local Ray cluster with one replica answering HTTP, stopped by Ctrl-C without leaving a process
-behind. The fidelity study's Ray path joins that cluster.
+a local Ray cluster with one replica answering HTTP, refusing what its queue cannot take with
+503 and Retry-After, stopped by Ctrl-C without leaving a process behind. The fidelity study's
+Ray path joins that cluster.
 
 One local Ray instance serves all of it: `dcfx serve` starts when the module does (Ray, Serve
 and the replica's warm-up take about 25 s); the in-process tests and then the study's tasks
@@ -25,6 +26,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from email.message import Message
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,9 @@ from dcfx.serve import OFF, BadRequest, Service, parse_setting  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_BATCH = 2
+# Requests that may wait for the replica besides the MAX_BATCH it holds. Serve's router may
+# refuse a request when more than this many arrive at once, so no other test sends more.
+MAX_QUEUED = 4
 STEPS = 6  # N=3: FSSFSS
 START_TIMEOUT_S = 240  # a loaded 2-core machine; ready in about 30-45 s
 # A batched image against the one-image call: the CPU's GEMMs sum in another order for another
@@ -75,7 +80,8 @@ class Server:
         self.process = subprocess.Popen(
             # Two CPUs: the replica's and one for the study's tasks.
             [sys.executable, "-P", "-m", "dcfx", "serve", "--num-cpus", "2", "--max-batch-size", str(MAX_BATCH),
-             "--batch-wait-s", "0.5", "--settings", "3:0", "--port", str(self.port)],
+             "--batch-wait-s", "0.5", "--settings", "3:0", "--max-queued-requests", str(MAX_QUEUED),
+             "--port", str(self.port)],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
@@ -137,13 +143,22 @@ def url(server) -> str:
 
 
 def post(url: str, body: bytes | dict) -> tuple[int, dict]:
+    status, answer, _ = post_with_headers(url, body)
+    return status, answer
+
+
+def post_with_headers(url: str, body: bytes | dict) -> tuple[int, dict, Message]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=120) as r:
-            return r.status, json.load(r)
+            return r.status, json.load(r), r.headers
     except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
+        text = e.read().decode()
+        try:
+            return e.code, json.loads(text), e.headers
+        except ValueError:  # Serve's proxy answers in a line of text
+            return e.code, {"error": text}, e.headers
 
 
 def pixels(png_base64: str) -> np.ndarray:
@@ -287,7 +302,7 @@ def _tiny_text_pipeline(folder: Path) -> None:
 
 def test_a_text_to_image_folder_is_served_with_prompts(tmp_path):
     _tiny_text_pipeline(tmp_path)
-    served = Service(tmp_path / "pipeline", settings=["2:0"], max_batch_size=2, warm_up=False)
+    served = Service(model=tmp_path / "pipeline", settings=["2:0"], max_batch_size=2, warm_up=False)
     with pytest.raises(BadRequest, match="takes 'prompt', not 'label'"):
         served.parse({"label": 3})
     assert served.parse({"prompt": ["a cat", "dog"], "seed": 5}).inputs == ("a cat", "dog")
@@ -376,6 +391,21 @@ def test_bad_requests_get_a_400_naming_the_problem(url):
     ]:
         status, answer = post(url, body)
         assert status == 400 and says in answer["error"], (body, status, answer)
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_serves_the_rest(url):
+    # At once: more requests than the replica holds (MAX_BATCH) and its queue takes (MAX_QUEUED).
+    bodies = [{"label": i % 10, "seed": i, "steps": 30} for i in range(3 * (MAX_BATCH + MAX_QUEUED))]
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda b: post_with_headers(url, b), bodies))
+    served = [answer for status, answer, _ in answers if status == 200]
+    refused = [(answer, headers) for status, answer, headers in answers if status == 503]
+    assert len(served) + len(refused) == len(bodies), [status for status, _, _ in answers]
+    # The bound holds at each instant: requests that arrive after others were answered find room.
+    assert refused and len(served) >= MAX_BATCH
+    for answer, headers in refused:
+        assert "max_queued_requests" in answer["error"] and headers.get("Retry-After") == "2", (answer, headers)
+    assert all(len(answer["images"]) == 1 and answer["history"] == "FSS" * 10 for answer in served)
 
 
 def test_ctrl_c_stops_the_deployment_and_the_local_cluster(server, url):

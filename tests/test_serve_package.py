@@ -1,7 +1,8 @@
-"""dcfx serve with an AOT package: `build_package` writes the package and its record, and a
-`Service` that loads it in a fresh interpreter, where torch.export and torch.compile fail,
-starts, pads batches to the package's size and draws what the eager dcfx graphs draw (within
-compile tolerance); a deployment of another batch size or branch is refused by name.
+"""dcfx serve with an AOT package: `build_package` writes the package (its manifest is the one
+record: batch, FLOPs), and a `Service` that loads it in a fresh interpreter, where
+torch.export and torch.compile fail, starts, pads batches to the package's size and draws what
+the eager dcfx graphs draw (within compile tolerance); a deployment of another batch size or
+branch is refused by name.
 
 Building the package is one AOTInductor build of each graph (about a minute here), hence the
 module-scoped fixture, the compile marker and a file of its own (tests/test_serve.py stays
@@ -10,7 +11,6 @@ under a minute).
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("ray.serve", reason='Ray Serve is not installed (pip install "dcfx[serve]"; the test extra has it)')
-
-from dcfx.serve import BadRequest, Service, build_package  # noqa: E402
+from dcfx.aot import read_manifest
+from dcfx.serve import BadRequest, Service, build_package
 
 pytestmark = pytest.mark.compile
 
@@ -35,7 +34,7 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 @pytest.fixture(scope="module")
 def packaged(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("serve-package") / "digits-b2.pt2"
-    assert build_package(path, setting="3:0", max_batch_size=BATCH) == path
+    assert build_package(path, settings=["3:0"], max_batch_size=BATCH) == path
     return path
 
 
@@ -79,18 +78,19 @@ def test_a_replica_starts_from_the_package_without_exporting_or_compiling(packag
     assert result["3:0"]["history"] == "FSSFSSF" and result["3:0"]["batch_size"] == BATCH
     assert result["5:0"]["history"] == "FSSSSFS"  # another interval on the same graphs
     assert result["off"]["history"] == "F" * STEPS and result["off"]["batch_size"] == 1
-    # FLOPs from the package's record are the eager graphs' count.
+    # FLOPs from the package's manifest are the eager graphs' count.
     [reference] = eager.run([eager.parse({"label": 6, "seed": 4, "steps": STEPS})])
     assert result["3:0"]["flops"] == reference["flops"]
     images, _ = eager._generate("3:0", [6, 2], [4, 9], STEPS, 1.5, output_type="pt")
     torch.testing.assert_close(got["images"], images, **TOL)
 
 
-def test_the_record_names_what_the_package_was_built_for(packaged):
-    record = json.loads(packaged.with_name(packaged.name + ".json").read_text())
-    assert record["max_batch_size"] == BATCH and record["branch"] == 0 and record["setting"] == "3:0"
-    assert "float32[4, 1, 16, 16]" in record["signature"]  # two images, guided: four U-Net rows
-    assert 0 < record["row_flops"]["shallow"] < record["row_flops"]["full"]
+def test_the_manifest_names_what_the_package_was_built_for(packaged):
+    manifest = read_manifest(packaged)
+    assert manifest["batch"] == 2 * BATCH and manifest["layout"]["cut"]["branch"] == 0
+    assert manifest["config"]["interval"] == 3
+    assert "float32[4, 1, 16, 16]" in manifest["signature"]  # two images, guided: four U-Net rows
+    assert 0 < manifest["flops"]["shallow"] < manifest["flops"]["full"]
 
 
 def test_a_deployment_the_package_does_not_fit_is_refused(packaged, tmp_path):
@@ -100,12 +100,12 @@ def test_a_deployment_the_package_does_not_fit_is_refused(packaged, tmp_path):
         Service(package=packaged, settings=["3:1"], max_batch_size=BATCH)
     with pytest.raises(ValueError, match="compiled already"):
         Service(package=packaged, compile=True, max_batch_size=BATCH)
-    alone = tmp_path / packaged.name
-    alone.write_bytes(packaged.read_bytes())
-    with pytest.raises(FileNotFoundError, match="record that dcfx.serve.build_package"):
-        Service(package=alone, max_batch_size=BATCH)
+    with pytest.raises(FileNotFoundError, match="no dcfx package at"):
+        Service(package=tmp_path / packaged.name, max_batch_size=BATCH)
+    foreign = tmp_path / "notes.pt2"
+    foreign.write_text("not a package")
     with pytest.raises(FileExistsError, match="not written by dcfx serve"):
-        build_package(alone, max_batch_size=BATCH)  # refuses before any compile
+        build_package(foreign, max_batch_size=BATCH)  # refuses before any compile
 
 
 def test_unguided_requests_are_refused_with_a_package(packaged):

@@ -5,8 +5,10 @@ Starts a local Ray cluster and prints its address (other jobs, such as the fidel
 `dcfx.serve.app` with the given replicas, CPUs or GPUs per replica, batch size and batch wait,
 prints the URL and serves until Ctrl-C, which stops the application (and the local cluster).
 POST JSON such as {"label": 3, "seed": 0, "steps": 50, "dcfx": "3:0"}; GET describes the accepted fields.
---build-package PATH writes the AOT package (and its record) a deployment with these
-options loads with --package PATH, then exits.
+Each request waits at most --request-timeout-s (then HTTP 504), and at most
+--max-queued-requests wait for a replica (more get HTTP 503 with Retry-After).
+--build-package PATH writes the AOT package a deployment with these options loads with
+--package PATH, then exits.
 
 Needs Ray Serve: pip install "dcfx[serve]".
 """
@@ -14,27 +16,35 @@ Needs Ray Serve: pip install "dcfx[serve]".
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import faulthandler
 import os
 import signal
 import sys
+import typing
 from pathlib import Path
+
+from ..serve.options import OFF, ServeOptions, field_help
 
 APP_NAME = "dcfx"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="a local digits model folder or diffusers text-to-image pipeline folder (default: the embedded digits model)")
-    p.add_argument("--settings", nargs="+", default=["3:0"], metavar="N:B[:SCHEDULE]",
-                   help="dcfx settings offered besides 'off'; requests default to the first (default: %(default)s)")
-    p.add_argument("--package", type=Path, help="an AOT package from --build-package: replicas start without exporting or compiling")
-    p.add_argument("--compile", action="store_true", help="torch.compile the dcfx graphs (at each replica's warm-up)")
-    p.add_argument("--replicas", type=int, default=1, help="replicas of the deployment (default: %(default)s)")
-    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs each replica reserves (default: %(default)s)")
-    p.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs each replica reserves; with one it runs on CUDA (default: %(default)s)")
-    p.add_argument("--threads", type=int, help="torch threads per replica (default: its CPUs)")
-    p.add_argument("--max-batch-size", type=int, default=4, help="most images per batch, and per request (default: %(default)s)")
-    p.add_argument("--batch-wait-s", type=float, default=0.05, help="how long a batch waits for more images (default: %(default)s)")
+    # One flag per ServeOptions field, its help the field's line of the docstring.
+    helps, kinds = field_help(), typing.get_type_hints(ServeOptions)
+    for f in dataclasses.fields(ServeOptions):
+        optional = type(None) in typing.get_args(kinds[f.name])
+        base = next(t for t in typing.get_args(kinds[f.name]) if t is not type(None)) if optional else kinds[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        shown = "none" if f.default is None else " ".join(f.default) if isinstance(f.default, tuple) else f.default
+        text = f"{helps[f.name]} (default: {shown})"
+        if base is bool:
+            p.add_argument(flag, action="store_true", help=helps[f.name])
+        elif typing.get_origin(base) is tuple:
+            p.add_argument(flag, nargs="+", default=f.default, metavar="SETTING", help=text)
+        else:
+            metavar = "PATH" if base is str else f.name.upper()
+            p.add_argument(flag, type=_reader(base, optional), default=f.default, metavar=metavar, help=text)
     p.add_argument("--address", help="join this Ray cluster (e.g. auto, or HEAD:6379) instead of starting a local one; "
                                      "if Serve runs there already, its HTTP host and port stay")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local cluster (default: Ray's count of this machine's)")
@@ -43,16 +53,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--route-prefix", default="/", help="HTTP route of the application (default: %(default)s)")
     p.add_argument("--build-package", type=Path, metavar="PATH",
                    help="write the AOT package for --model, the first of --settings and --max-batch-size, then exit")
-    p.add_argument("--force", action="store_true", help="with --build-package: replace a file that dcfx serve did not write")
+    p.add_argument("--force", action="store_true", help="with --build-package: replace a file that is no dcfx package")
+
+
+def _reader(kind: type, optional: bool):
+    """A flag's value as `kind`; "none" as None where the field may be None."""
+
+    def read(text: str):
+        if optional and text.lower() == "none":
+            return None
+        return kind(text)
+
+    read.__name__ = kind.__name__  # argparse names the type in its error message
+    return read
+
+
+def options(args: argparse.Namespace) -> ServeOptions:
+    """The `ServeOptions` that the flags give."""
+    return ServeOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeOptions)})
 
 
 def run(args: argparse.Namespace) -> None:
     """Builds a package, or serves until interrupted."""
-    for name in ("replicas", "max_batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    opts = options(args)
     if args.num_cpus is not None and args.num_cpus < 1:
         raise ValueError(f"--num-cpus must be >= 1, got {args.num_cpus}")
     try:
@@ -63,20 +86,9 @@ def run(args: argparse.Namespace) -> None:
     from .. import serve
 
     if args.build_package is not None:
-        _build_package(serve, args)
+        _build_package(serve, args, opts)
         return
-    application = serve.app(
-        args.model,
-        settings=args.settings,
-        package=args.package,
-        compile=args.compile,
-        max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=args.batch_wait_s,
-        num_replicas=args.replicas,
-        num_cpus=args.cpus_per_replica,
-        num_gpus=args.gpus_per_replica,
-        threads=args.threads,
-    )
+    application = serve.app(opts)
     # Ctrl-C and SIGTERM both end the wait below and run the clean-up, also where this process
     # was started with SIGINT ignored (a parent's disposition is inherited: Python then installs
     # no handler of its own). SIGUSR1 dumps every thread's stack to stderr, for a stop that hangs.
@@ -106,7 +118,7 @@ def run(args: argparse.Namespace) -> None:
         ray.init(address=args.address)
     deployed = False
     try:
-        _check_resources(ray, args)
+        _check_resources(ray, args, opts)
         ray_serve.start(http_options={"host": args.host, "port": args.port})
         deployed = True
         try:
@@ -116,10 +128,12 @@ def run(args: argparse.Namespace) -> None:
         except RuntimeError as e:  # a replica failed to start: Serve's message has its error
             raise SystemExit(f"dcfx serve: error: the deployment did not start: {e}") from None
         url = f"http://{args.host}:{args.port}{args.route_prefix}"
-        offered = dict.fromkeys([serve.parse_setting(s)[0] for s in args.settings] + [serve.OFF])
+        queue = "unbounded" if opts.max_queued_requests is None else f"{opts.max_queued_requests} more queued"
+        deadline = "none" if opts.request_timeout_s is None else f"{opts.request_timeout_s:g} s"
         print(
-            f"dcfx serve: {url} ({args.replicas} replica(s), batches of up to {args.max_batch_size} images, "
-            f"dcfx settings {', '.join(offered)}); Ctrl-C stops it",
+            f"dcfx serve: {url} ({opts.replicas} replica(s), batches of up to {opts.max_batch_size} images, "
+            f"dcfx settings {', '.join(dict.fromkeys(opts.settings + (OFF,)))}; {queue}, deadline {deadline}); "
+            f"Ctrl-C stops it",
             flush=True,
         )
         print(f"  curl -s {url}    # the fields, settings and limits it accepts", flush=True)
@@ -137,25 +151,23 @@ def run(args: argparse.Namespace) -> None:
         ray.shutdown()
 
 
-def _check_resources(ray, args: argparse.Namespace) -> None:
+def _check_resources(ray, args: argparse.Namespace, opts: ServeOptions) -> None:
     """Replicas that cannot all be placed would keep `serve.run` waiting forever."""
     available = ray.cluster_resources()
-    for kind, per_replica in (("CPU", args.cpus_per_replica), ("GPU", args.gpus_per_replica)):
-        need = per_replica * args.replicas
+    for kind, per_replica in (("CPU", opts.cpus_per_replica), ("GPU", opts.gpus_per_replica)):
+        need = per_replica * opts.replicas
         if need > available.get(kind, 0):
             raise ValueError(
-                f"{args.replicas} replica(s) x {per_replica:g} {kind}s need {need:g} {kind}s and the cluster has "
+                f"{opts.replicas} replica(s) x {per_replica:g} {kind}s need {need:g} {kind}s and the cluster has "
                 f"{available.get(kind, 0):g}: use fewer --replicas, fewer --{kind.lower()}s-per-replica"
                 + (", or a larger --num-cpus" if kind == "CPU" and args.address is None else "")
             )
 
 
-def _build_package(serve, args: argparse.Namespace) -> None:
+def _build_package(serve, args: argparse.Namespace, opts: ServeOptions) -> None:
     path = args.build_package
-    written = serve.build_package(
-        path, args.model, setting=args.settings[0], max_batch_size=args.max_batch_size, overwrite=args.force
-    )
+    written = serve.build_package(path, opts, overwrite=args.force)
     print(
-        f"dcfx serve: wrote {written.resolve()} and its record {written.name}.json; serve it with: "
-        f"dcfx serve --package {path} --settings {' '.join(args.settings)} --max-batch-size {args.max_batch_size}"
+        f"dcfx serve: wrote {written.resolve()}; serve it with: dcfx serve --package {path} "
+        f"--settings {' '.join(opts.settings)} --max-batch-size {opts.max_batch_size}"
     )
