@@ -17,7 +17,7 @@ from .aot import load_package, package
 from .report import Report, report
 from .runtime import DeepCacheUNet
 from .costs import Spent
-from .schedule import nonuniform_full_steps
+from .policies import nonuniform_full_steps
 
 __all__ = [
     "Calibration",

@@ -13,7 +13,8 @@ from _tiny_unet import CROSS_DIM, LATENT, TOKENS, Recorder, skip_channels, skip_
 from diffusers import DDIMScheduler
 
 import dcfx
-from dcfx.calibrate import choose_full_steps, full_steps_for, spearman
+from dcfx.costs import full_steps_for
+from dcfx.policies.calibrate import choose_full_steps, spearman
 
 STEPS = 10
 TOL = dict(rtol=1e-4, atol=1e-5)

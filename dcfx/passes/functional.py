@@ -27,6 +27,19 @@ aten = torch.ops.aten
 _VIEWS = {aten.slice.Tensor: aten.slice_scatter.default, aten.select.int: aten.select_scatter.default}
 
 
+def functional(gm: fx.GraphModule) -> fx.GraphModule:
+    """`gm` if it writes into nothing in place, else a copy with its writes into intermediates
+    rewritten (`remove_mutations`); `gm` itself is not modified."""
+    if not any(n.op == "call_function" and writes_first_argument(n.target) for n in gm.graph.nodes):
+        return gm
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    out = fx.GraphModule(gm, graph)
+    out.meta.update(gm.meta)
+    remove_mutations(out)
+    return out
+
+
 def remove_mutations(gm: fx.GraphModule) -> int:
     """Rewrite `gm` in place (see the module docstring); returns the writes removed."""
     graph = gm.graph
