@@ -2,8 +2,8 @@
 
 dcfx supports torch 2.11-2.13. `tests/test_torch_private.py` exercises every item and fails
 with a message that names it, so a torch release that moves or changes one shows up there,
-not as a wrong result; it has run on torch 2.13.0 (the CPU machines). The H200 runs used
-torch 2.11.0, where items 7-9 ran inside the CUDA tests; 2.12 has not been run.
+not as a wrong result. Checked: every item on torch 2.13.0 (CPU), items 7-9 on 2.11.0 (in
+the CUDA tests).
 
 Each item says why no public API does the job. The items:
 

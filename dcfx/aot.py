@@ -63,6 +63,7 @@ from .compile import TRACING
 from .config import DeepCacheConfig
 from .passes import CacheLayout
 from .runtime import DeepCacheUNet, PackagedModel
+from .version import __version__
 
 # The manifest's format; a reader refuses other formats.
 FORMAT = 2
@@ -130,7 +131,7 @@ def load_package(path: str | os.PathLike, device: str | torch.device | None = No
         record = pickle.loads(base64.b64decode(manifest["pickled"]))
     except Exception as e:
         raise ValueError(
-            f"{path}: this dcfx {_dcfx_version()} and torch {torch.__version__} cannot read the record "
+            f"{path}: this dcfx {__version__} and torch {torch.__version__} cannot read the record "
             f"that dcfx {manifest['dcfx']} and torch {manifest['torch']} wrote ({type(e).__name__}: {e}); "
             f"package the U-Net again"
         ) from None
@@ -234,7 +235,7 @@ def _manifest(unet: nn.Module, config: DeepCacheConfig, graphs: Any) -> dict[str
     record = {"leaves": leaves, "autocast": autocast, "config": config, "forward": forward}
     return {
         "format": FORMAT,
-        "dcfx": _dcfx_version(),
+        "dcfx": __version__,
         "torch": torch.__version__,
         "unet": type(unet).__name__,
         "signature": graphs.signature,
@@ -283,12 +284,6 @@ def _jsonable(value: Any) -> Any:
 # -- loading ------------------------------------------------------------------------------
 
 
-def _dcfx_version() -> str:
-    from . import __version__  # here: dcfx/__init__ imports this module
-
-    return __version__
-
-
 def _check_versions(manifest: dict[str, Any], path: Path) -> None:
     if manifest["torch"] != torch.__version__:
         warnings.warn(
@@ -296,9 +291,9 @@ def _check_versions(manifest: dict[str, Any], path: Path) -> None:
             f"its compiled models may fail to load or run; package the U-Net again with this torch",
             stacklevel=3,
         )
-    if manifest["dcfx"] != _dcfx_version():
+    if manifest["dcfx"] != __version__:
         warnings.warn(
-            f"{path} was built with dcfx {manifest['dcfx']}, this is dcfx {_dcfx_version()}: if the "
+            f"{path} was built with dcfx {manifest['dcfx']}, this is dcfx {__version__}: if the "
             f"dcfx ops it calls have changed, package the U-Net again",
             stacklevel=3,
         )

@@ -406,6 +406,16 @@ def test_adaptive_true_is_the_default_signal():
 # -- cost -----------------------------------------------------------------------------------
 
 
+def test_every_signal_is_a_setting_and_its_source_splits_the_graphs():
+    from dcfx.config import SIGNALS as SETTINGS
+    from dcfx.policies import SIGNALS
+    from dcfx.policies.adaptive import CUT
+
+    assert set(SIGNALS) == set(SETTINGS)
+    for name, signal in SIGNALS.items():
+        assert dcfx.DeepCacheConfig(adaptive=name).needs_head == (signal.source == CUT), name
+
+
 def test_spent_counts_flops_as_report_does(unet):
     x, e = torch.randn(2, 4, LATENT, LATENT), torch.randn(2, TOKENS, CROSS_DIM)
     report = dcfx.report(unet, x, 900, e, config=dcfx.DeepCacheConfig(interval=3, branch=1), branches=[1], num_steps=STEPS)

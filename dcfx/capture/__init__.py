@@ -10,18 +10,15 @@
 Capture touches the user's module only to export it, and never modifies it.
 """
 
-from .binding import PER_STEP_ARGUMENTS, TENSOR_LEAF, Call, CallBinder, conditioning_of
+from .binding import Call, CallBinder
 from .export import UNET_PREFIX, Capture, FloatsNotLiftable, capture, module_path
 
 __all__ = [
-    "PER_STEP_ARGUMENTS",
-    "TENSOR_LEAF",
     "UNET_PREFIX",
     "Call",
     "CallBinder",
     "Capture",
     "FloatsNotLiftable",
     "capture",
-    "conditioning_of",
     "module_path",
 ]
