@@ -148,7 +148,8 @@ def load_package(path: str | os.PathLike, device: str | torch.device | None = No
     key = _on_device(key, packaged, target)
     layout = CacheLayout.from_dict(manifest["layout"])
     runners = _load_models(path, target, layout.graphs)
-    stub = _PackagedUNet(key, _spec_loads(manifest["out_spec"]), layout, runners, record["forward"], manifest, target, path)
+    out_spec = _spec_loads(manifest["out_spec"])
+    stub = _PackagedUNet(key, out_spec, layout, runners, record["forward"], manifest, target, path)
     return DeepCacheUNet(stub, record["config"])
 
 

@@ -85,7 +85,8 @@ def calibrate(
                 run_all(fast)
     num_steps = recorder.step_count()
     count = full_steps_for(budget, num_steps, _shallow_fraction(fast))
-    return fit(recorder.complete(), count, unet=unet, scheduler=scheduler, budget=budget, branch=branch, forecast=forecast)
+    return fit(recorder.complete(), count, unet=unet, scheduler=scheduler, budget=budget, branch=branch,
+               forecast=forecast)
 
 
 def _shallow_fraction(fast: DeepCacheUNet) -> float:
