@@ -1,8 +1,9 @@
-"""Graph passes: functional (in-place writes into intermediates rewritten out of place), split
-(full and shallow graph, or head, rest and tail), fuse (the shallow graph's cut point, and the
-cached feature's statistics moved to the full graph), forecast (the shallow graph extrapolates
-the cached feature). `build_graphs` runs them for one `PassOptions` and returns the graphs
-with their `CacheLayout`. Passes are pure: graphs and options in, graphs out.
+"""Graph passes: split (full and shallow graph, or head, rest and tail; a split rule first
+rewrites in-place writes into intermediates out of place, `functional`), fuse (the shallow
+graph's cut point, and the cached feature's statistics moved to the full graph), forecast (the
+shallow graph extrapolates the cached feature). `build_graphs` runs them for one
+`PassOptions` and returns the graphs with their `CacheLayout`. Passes are pure: graphs and
+options in, graphs out.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 from torch import fx
 
 from .forecast import FORECAST_META, forecast
-from .functional import functional
 from .fuse import cache_cut_stats, fuse_cut
 from .layout import HEADED, PAIR, CacheLayout, UNetCut
 from .split import CACHED_OUTPUTS, split, split_head
@@ -52,7 +52,6 @@ class PassOutput:
 
 def build_graphs(gm: fx.GraphModule, options: PassOptions) -> PassOutput:
     """Run the passes on captured graph `gm` (not modified) for `options`."""
-    gm = functional(gm)  # export keeps in-place writes (FreeU's): the split needs none
     if options.head:
         parts = split_head(gm, options.branch)
         full, shallow = parts.rest, parts.tail

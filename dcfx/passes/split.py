@@ -1,7 +1,8 @@
 """Split pass: one captured U-Net graph + a branch -> the full graph and the shallow graph.
 
 In: a GraphModule from `dcfx.capture` (flat tensor placeholders, flat tuple output), ATen
-ops with `meta["val"]`.
+ops with `meta["val"]`. In-place writes into intermediates (FreeU's) are first rewritten out
+of place (`functional`): the shallow graph must not repeat them on the cached feature.
 
 A *skip connection* is a channel concatenation (`aten.cat`, dim 1, two tensors of rank >= 3)
 one of whose operands is an ancestor of the other: the ancestor is the skip tensor `s`,
@@ -35,6 +36,8 @@ from typing import Callable
 
 import torch
 from torch import fx
+
+from .functional import functional
 
 CACHE_INPUT = "deepcache_feature"
 # Graph meta key: how many trailing outputs of the full graph are cached (and passed, in
@@ -90,6 +93,7 @@ def find_skips(graph: fx.Graph) -> list[Skip]:
 
 def split(gm: fx.GraphModule, branch: int) -> UNetSplit:
     """Split a captured U-Net graph at skip connection `branch` (see the module docstring)."""
+    gm = functional(gm)
     skips = find_skips(gm.graph)
     if not skips:
         raise ValueError(
@@ -124,6 +128,7 @@ class UNetHeadSplit:
 
 def split_head(gm: fx.GraphModule, branch: int) -> UNetHeadSplit:
     """Split a captured U-Net graph at `branch` into head, rest and tail (module docstring)."""
+    gm = functional(gm)
     graphs = split(gm, branch)
     cut = find_skips(gm.graph)[branch]
     head, rest, tail, names = cut_head(gm, graphs.full, graphs.shallow)
