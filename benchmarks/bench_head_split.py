@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         for fast in (fixed, adaptive):
             fast(x, t, **cond)  # capture (and compile the full step's graphs)
-        (full_entry,) = fixed._entries.values()
-        (head_entry,) = adaptive._entries.values()
-        full_c, head_c = fixed._compiler, adaptive._compiler
+        (full_entry,) = fixed.runtime.entries.current.values()
+        (head_entry,) = adaptive.runtime.entries.current.values()
+        full_c, head_c = fixed.runtime.compiler, adaptive.runtime.compiler
         inputs = fixed.graphs(x, t, **cond).inputs
         boundary = head_entry.graphs["head"](head_c, *inputs)
         fresh = boundary[head_entry.layout.cut_index]

@@ -150,7 +150,7 @@ def main():
         bias = torch.randn(c1 + c2, device="cuda", generator=gen).to(dtype)
         inputs = (cached, skip, weight, bias)
 
-        torch._dynamo.reset()
+        torch.compiler.reset()
         compiled_cut = torch.compile(eager_cut, dynamic=False)
         group_size = (c1 + c2) // NUM_GROUPS
         stats = group_partial_stats(cached, group_size)

@@ -2,9 +2,9 @@
 
     python benchmarks/bench_overhead.py [--sizes tiny small] [--resolution 16] [--device cpu]
 
-Every graph run in `DeepCacheUNet.forward` sits in `dcfx.runtime.run._range` (`dcfx.full[bB]`,
-`dcfx.shallow[bB]`, and `dcfx.cache_copy` inside full steps): a `record_function` entered
-only while a profiler runs, and on CUDA an NVTX range. Two measurements, no profiler active:
+Every graph run in `DeepCacheUNet.forward` sits in `dcfx.runtime.run.graph_range`
+(`dcfx.full[bB]`, `dcfx.shallow[bB]`, and `dcfx.cache_copy` inside full steps): a
+`record_function` entered only while a profiler runs, and on CUDA an NVTX range. Two measurements, no profiler active:
 
 1. the range alone: one enter/exit of `_range` in a tight loop (median of repeated loops),
    next to an always-on `record_function` for comparison; a shallow step enters one range,
@@ -28,6 +28,7 @@ import torch
 
 import dcfx
 import dcfx.runtime.run
+from dcfx._torch_private import profiler_enabled
 from dcfx.models import random_unet
 
 
@@ -44,10 +45,10 @@ def per_call_us(fn, calls: int, repeats: int) -> float:
 
 def range_cost_us(cuda: bool, calls: int = 20000, repeats: int = 15) -> tuple[float, float]:
     """(dcfx's range, an always-on record_function) enter/exit, µs each."""
-    assert not torch.autograd._profiler_enabled()
+    assert not profiler_enabled()
 
     def dcfx_range():
-        with dcfx.runtime.run._range("dcfx.shallow[b0]", cuda):
+        with dcfx.runtime.run.graph_range("dcfx.shallow[b0]", cuda):
             pass
 
     def record_function():
@@ -70,7 +71,7 @@ def shallow_step_times(size: str, args: argparse.Namespace, device: torch.device
     fast = dcfx.optimize(unet, interval=10**9)
     fast.begin()
     fast(x, t, encoder_hidden_states=ehs)
-    original = dcfx.runtime.run._range
+    original = dcfx.runtime.run.graph_range
 
     def block() -> float:
         steps = []
@@ -88,10 +89,10 @@ def shallow_step_times(size: str, args: argparse.Namespace, device: torch.device
         for i in range(2 * args.blocks):
             # Alternate which variant goes first, so a drift in machine load hits both alike.
             off = (i % 2 == 0) == (i // 2 % 2 == 0)
-            dcfx.runtime.run._range = (lambda name, cuda: contextlib.nullcontext()) if off else original
+            dcfx.runtime.run.graph_range = (lambda name, cuda: contextlib.nullcontext()) if off else original
             (without if off else with_ranges).append(block())
     finally:
-        dcfx.runtime.run._range = original
+        dcfx.runtime.run.graph_range = original
     assert fast.history[-1].count("F") == 1
     return with_ranges, without
 
@@ -117,7 +118,7 @@ def main() -> None:
         f"{args.blocks} blocks of {args.steps} shallow steps per variant, interleaved"
     )
     print(
-        f"one range enter/exit (dcfx.runtime.run._range{', with NVTX' if cuda else ''}): {range_us:.2f} µs; "
+        f"one range enter/exit (dcfx.runtime.run.graph_range{', with NVTX' if cuda else ''}): {range_us:.2f} µs; "
         f"an always-on torch.profiler.record_function for comparison: {record_us:.2f} µs"
     )
     head = ("model", "shallow step ms", "range µs/step", "% of step", "A/B with-without µs", "A/B spread µs")

@@ -17,7 +17,8 @@ from .aot import load_package, package
 from .report import Report, report
 from .runtime import DeepCacheUNet
 from .costs import Spent
-from .schedule import nonuniform_full_steps
+from .policies import nonuniform_full_steps
+from .version import __version__
 
 __all__ = [
     "Calibration",
@@ -36,4 +37,3 @@ __all__ = [
     "package",
     "report",
 ]
-__version__ = "0.1.0"

@@ -2,8 +2,8 @@
 
 dcfx supports torch 2.11-2.13. `tests/test_torch_private.py` exercises every item and fails
 with a message that names it, so a torch release that moves or changes one shows up there,
-not as a wrong result; it has run on torch 2.13.0 (the CPU machines). The H200 runs used
-torch 2.11.0, where items 7-9 ran inside the CUDA tests; 2.12 has not been run.
+not as a wrong result. Checked: every item on torch 2.13.0 (CPU), items 7-9 on 2.11.0 (in
+the CUDA tests).
 
 Each item says why no public API does the job. The items:
 
@@ -45,6 +45,15 @@ Each item says why no public API does the job. The items:
    operators in an exported graph write into their first argument (FreeU's in-place slice
    writes), and their out-of-place twins, so that `passes/functional.py` can rewrite them out of the graph. torch's public
    functionalization runs at trace time, not on an existing FX graph.
+11. The logger of torch's fake tensors (`torch._subclasses.fake_tensor`), which reports a
+   failed export at error level: capture holds its records back while it tries the plain
+   U-Net for a clearer error. torch has no public switch for those records.
+12. Inductor's AOT compile, option lists and config (`torch._inductor.aot_compile`,
+   `list_options`, `list_mode_options`, `torch._inductor.config.patch`): the AOTInductor
+   compile torch documents for a package of several models, whether this torch has the
+   on-disk weights format packages use, a compile mode's options (AOTInductor takes options,
+   not modes), and kernel names in `dcfx profile`'s CPU traces (`cpp.enable_kernel_profile`).
+   torch has them under `torch._inductor` only.
 """
 
 from __future__ import annotations
@@ -60,14 +69,19 @@ from torch._dynamo.eval_frame import DisableContext, OptimizedModule, _TorchDyna
 __all__ = [
     "AOTICompiledModel",
     "NOT_COMPILED",
+    "EXPORT_ERROR_LOGGERS",
     "OptimizedModule",
     "UNREADABLE",
+    "aot_compile",
     "aoti_metadata",
     "cpu_has",
     "enclosing_compile_wrapper",
     "export_assert_op",
     "out_of_place",
     "in_place_compile_backend",
+    "inductor_config_patch",
+    "inductor_mode_options",
+    "inductor_options",
     "load_aoti_model",
     "package_pt2",
     "profiler_enabled",
@@ -240,3 +254,40 @@ def out_of_place(target: Any) -> Any:
     `aten.add.Tensor`)."""
     name = target._schema.name.split("::")[-1].rstrip("_")
     return getattr(getattr(torch.ops.aten, name), target._overloadname)
+
+
+# -- 11. export's error logger ------------------------------------------------------------------
+
+# Loggers that report a failed export at error level (one traceback-long record per failure).
+EXPORT_ERROR_LOGGERS = ("torch._subclasses.fake_tensor",)
+
+
+# -- 12. inductor's AOT compile, options and config ----------------------------------------------
+
+
+def aot_compile(module: nn.Module, inputs: tuple, options: dict[str, Any]) -> list:
+    """AOTInductor's files for `module` (an exported module) on these inputs."""
+    import torch._inductor
+
+    return torch._inductor.aot_compile(module, inputs, options=options)
+
+
+def inductor_options() -> list[str]:
+    """The names of every inductor option this torch has."""
+    import torch._inductor
+
+    return torch._inductor.list_options()
+
+
+def inductor_mode_options(mode: str) -> dict[str, Any]:
+    """The inductor options a torch.compile mode stands for."""
+    import torch._inductor
+
+    return torch._inductor.list_mode_options(mode)
+
+
+def inductor_config_patch(changes: dict[str, Any]) -> Any:
+    """A context manager that sets these inductor options while it is entered."""
+    import torch._inductor.config
+
+    return torch._inductor.config.patch(changes)

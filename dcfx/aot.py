@@ -32,7 +32,7 @@ Packages contain native code and pickles: load only packages you trust.
 
 Uses torch's AOTInductor (`torch._inductor.aot_compile`, as torch documents for several
 models in one package), and its PT2 packager and model loader, which are private: see
-`dcfx._torch_private` (items 4 and 6) for why, and for the versions checked.
+`dcfx._torch_private` (items 4, 6 and 12) for why, and for the versions checked.
 """
 
 from __future__ import annotations
@@ -62,21 +62,12 @@ from .signature import describe_signature
 from .compile import TRACING
 from .config import DeepCacheConfig
 from .passes import CacheLayout
-from .runtime import DeepCacheUNet
+from .runtime import DeepCacheUNet, PackagedModel
+from .version import __version__
 
 # The manifest's format; a reader refuses other formats.
 FORMAT = 2
 _MANIFEST = "dcfx.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class _PackagedGraphs:
-    """What `DeepCacheUNet._preload` needs of the packaged graphs (`DeepCacheGraphs` less the graphs)."""
-
-    key: tuple
-    signature: str
-    out_spec: pytree.TreeSpec
-    layout: CacheLayout
 
 
 def package(fast: DeepCacheUNet, path: str | os.PathLike, *args: Any, **kwargs: Any) -> Path:
@@ -140,7 +131,7 @@ def load_package(path: str | os.PathLike, device: str | torch.device | None = No
         record = pickle.loads(base64.b64decode(manifest["pickled"]))
     except Exception as e:
         raise ValueError(
-            f"{path}: this dcfx {_dcfx_version()} and torch {torch.__version__} cannot read the record "
+            f"{path}: this dcfx {__version__} and torch {torch.__version__} cannot read the record "
             f"that dcfx {manifest['dcfx']} and torch {manifest['torch']} wrote ({type(e).__name__}: {e}); "
             f"package the U-Net again"
         ) from None
@@ -157,12 +148,9 @@ def load_package(path: str | os.PathLike, device: str | torch.device | None = No
     key = _on_device(key, packaged, target)
     layout = CacheLayout.from_dict(manifest["layout"])
     runners = _load_models(path, target, layout.graphs)
-    graphs = _PackagedGraphs(key, describe_signature(key), _spec_loads(manifest["out_spec"]), layout)
-    stub = _PackagedUNet(graphs, runners, record["forward"], manifest, target, path)
-    fast = DeepCacheUNet(stub, record["config"])
-    if fast._graphs.preloaded is None:
-        stub._dcfx_preload(fast)
-    return fast
+    out_spec = _spec_loads(manifest["out_spec"])
+    stub = _PackagedUNet(key, out_spec, layout, runners, record["forward"], manifest, target, path)
+    return DeepCacheUNet(stub, record["config"])
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
@@ -203,7 +191,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _require_weights_on_disk() -> None:
-    if "aot_inductor.package_constants_on_disk_format" not in torch._inductor.list_options():
+    if "aot_inductor.package_constants_on_disk_format" not in _private.inductor_options():
         raise RuntimeError(
             f"torch {torch.__version__} lacks AOTInductor's on-disk weights "
             f"(aot_inductor.package_constants_on_disk_format), which dcfx packages use; "
@@ -213,7 +201,7 @@ def _require_weights_on_disk() -> None:
 
 def _inductor_options(config: DeepCacheConfig) -> dict[str, Any]:
     if config.compile_mode is not None:
-        options = torch._inductor.list_mode_options(config.compile_mode)
+        options = _private.inductor_mode_options(config.compile_mode)
         # Inductor's CUDA graphs belong to torch.compile's runtime, not to AOTInductor.
         options.pop("triton.cudagraphs", None)
     else:
@@ -230,7 +218,7 @@ def _inductor_options(config: DeepCacheConfig) -> dict[str, Any]:
 def _aot_compile(graph: torch.fx.GraphModule, inputs: tuple[torch.Tensor, ...], config: DeepCacheConfig) -> list:
     """AOTInductor's files for `graph` (a flat GraphModule over tensors) on these inputs."""
     exported = torch.export.export(graph, inputs, strict=False)
-    return torch._inductor.aot_compile(exported.module(), inputs, options=_inductor_options(config))
+    return _private.aot_compile(exported.module(), inputs, _inductor_options(config))
 
 
 def _manifest(unet: nn.Module, config: DeepCacheConfig, graphs: Any) -> dict[str, Any]:
@@ -247,7 +235,7 @@ def _manifest(unet: nn.Module, config: DeepCacheConfig, graphs: Any) -> dict[str
     record = {"leaves": leaves, "autocast": autocast, "config": config, "forward": forward}
     return {
         "format": FORMAT,
-        "dcfx": _dcfx_version(),
+        "dcfx": __version__,
         "torch": torch.__version__,
         "unet": type(unet).__name__,
         "signature": graphs.signature,
@@ -297,12 +285,6 @@ def _jsonable(value: Any) -> Any:
 # -- loading ------------------------------------------------------------------------------
 
 
-def _dcfx_version() -> str:
-    from . import __version__  # here: dcfx/__init__ imports this module
-
-    return __version__
-
-
 def _check_versions(manifest: dict[str, Any], path: Path) -> None:
     if manifest["torch"] != torch.__version__:
         warnings.warn(
@@ -310,9 +292,9 @@ def _check_versions(manifest: dict[str, Any], path: Path) -> None:
             f"its compiled models may fail to load or run; package the U-Net again with this torch",
             stacklevel=3,
         )
-    if manifest["dcfx"] != _dcfx_version():
+    if manifest["dcfx"] != __version__:
         warnings.warn(
-            f"{path} was built with dcfx {manifest['dcfx']}, this is dcfx {_dcfx_version()}: if the "
+            f"{path} was built with dcfx {manifest['dcfx']}, this is dcfx {__version__}: if the "
             f"dcfx ops it calls have changed, package the U-Net again",
             stacklevel=3,
         )
@@ -391,18 +373,18 @@ def _check_machine(metadata: dict[str, str], path: Path) -> None:
         warnings.warn(f"{path} was compiled on a CPU with {', '.join(lacking)}, which this CPU lacks", stacklevel=4)
 
 
-class _PackagedUNet(nn.Module):
+class _PackagedUNet(PackagedModel):
     """Stands in for the packaged U-Net inside the `DeepCacheUNet` that `load_package` returns.
 
     It has the U-Net's forward signature (the runtime binds calls with it), `config`, `dtype`
     and `device`, and no weights: the compiled graphs hold those.
     """
 
-    def __init__(self, graphs: _PackagedGraphs, runners: dict[str, Callable], forward: inspect.Signature,
-                 manifest: dict[str, Any], device: torch.device, path: Path):
+    def __init__(self, key: tuple, out_spec: pytree.TreeSpec, layout: CacheLayout, runners: dict[str, Callable],
+                 forward: inspect.Signature, manifest: dict[str, Any], device: torch.device, path: Path):
         super().__init__()
-        self._graphs = graphs
-        self._runners = runners
+        self.key, self.signature, self.out_spec, self.layout = key, describe_signature(key), out_spec, layout
+        self.runners = runners
         self._dtype = getattr(torch, manifest["dtype"])
         self._device = device
         self._name = manifest["unet"]
@@ -429,9 +411,8 @@ class _PackagedUNet(nn.Module):
     def device(self) -> torch.device:
         return self._device
 
-    def _dcfx_preload(self, fast: DeepCacheUNet) -> None:
-        """Make `fast` (a DeepCacheUNet around this stub) run the packaged graphs."""
-        config, layout = fast.deepcache_config, self._graphs.layout
+    def check(self, config: DeepCacheConfig) -> None:
+        layout = self.layout
         if config.branch != layout.cut.branch:
             raise ValueError(
                 f"{self._path} holds the graphs of branch {layout.cut.branch}; a config with "
@@ -443,7 +424,6 @@ class _PackagedUNet(nn.Module):
                 f"{self._path} holds the graphs of a policy with head={packaged[0]}, forecast={packaged[1]}; "
                 f"a config with adaptive={config.adaptive!r}, forecast={config.forecast} needs another package"
             )
-        fast._preload(self._graphs, self._runners)
 
     def extra_repr(self) -> str:
-        return f"{self._name} from {str(self._path)!r}: {self._graphs.signature}"
+        return f"{self._name} from {str(self._path)!r}: {self.signature}"

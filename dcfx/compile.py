@@ -27,7 +27,6 @@ holds it alone.
 from __future__ import annotations
 
 import contextlib
-import os
 import copy
 import dataclasses
 import inspect
@@ -42,6 +41,7 @@ from torch import fx, nn
 
 from . import _torch_private as _private
 from .config import DeepCacheConfig
+from .options import inductor_twins
 from .passes.fuse import inductor_ops
 
 
@@ -243,19 +243,9 @@ def outer(cache: Any) -> tuple[bool, Compiler | None]:
     return True, hit[0]
 
 
-def _twins_enabled() -> bool:
-    """DCFX_INDUCTOR_TWINS=1: compiled CUDA graphs call the cut ops' triton_op twins.
-
-    Off by default: on the first GPU run (H200, torch 2.11, triton 3.6) compile=True on CUDA
-    failed three tests with the twins on, and that run's log was cut before the cause; the
-    opaque custom op stays the default until a GPU run shows the twins work end to end.
-    """
-    return os.environ.get("DCFX_INDUCTOR_TWINS", "0") == "1"
-
-
-class LazyGraph:
-    """Runs `graph` eagerly, or compiled by a `Compiler` (compiled once per compiler, at its
-    first call).
+class LazyCompiled:
+    """A graph that runs eagerly, or compiled by a `Compiler` (compiled once per compiler, at
+    its first call).
 
     Safe to call from several threads: runs share `TRACING`, a compiling first call holds it
     alone. Each compiler compiles its own copy of the GraphModule (same nodes, same weights):
@@ -283,7 +273,7 @@ class LazyGraph:
             if hit is not None:  # another thread compiled it while this one waited
                 return hit[1](*args)
             copied = _copy(self.graph)
-            if _twins_enabled() and any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
+            if inductor_twins() and any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
                 inductor_ops(copied)  # inductor launches the cut's Triton kernels itself
             fn = compiler.compile(copied)
             if fn is copied:  # torch.compile did nothing: dynamo is disabled (TORCHDYNAMO_DISABLE=1)

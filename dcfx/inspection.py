@@ -1,5 +1,8 @@
 """Inspection: the two graphs dcfx runs for one call, as `DeepCacheUNet.graphs(...)` returns them.
 
+A view of graphs for people, below the runtime: it takes the graphs, their `CacheLayout` and
+the call's tensors, never runtime state.
+
 `DeepCacheGraphs.cut` describes the cut in the U-Net's own module names (what a shallow step
 runs, what it skips, what is cached and how big it is); `DeepCacheGraphs.write(directory)`
 writes both graphs' code and that description (`dcfx graphs --out DIR` does it from the
@@ -21,7 +24,6 @@ from torch import fx
 from ._torch_private import pytree
 from .capture import UNET_PREFIX, module_path
 from .signature import describe_signature
-from .compile import LazyGraph
 from .costs import GraphCost, graph_cost
 from .passes import CacheLayout
 from .passes.split import CACHE_INPUT
@@ -168,7 +170,7 @@ class Cut:
             (c.name, f"{_dtype_name(c.dtype)}{list(c.shape)}", f"{c.nbytes:,} bytes", c.producer or c.op)
             for c in self.cached
         ]
-        rows.append(("total", "", f"{self.cached_bytes:,} bytes", f"({_human_bytes(self.cached_bytes)} per call slot)"))
+        rows.append(("total", "", f"{self.cached_bytes:,} bytes", f"({human_bytes(self.cached_bytes)} per call slot)"))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         table = [
             f"    {r[0].ljust(widths[0])}  {r[1].ljust(widths[1])}  {r[2].rjust(widths[2])}  {r[3]}".rstrip()
@@ -254,22 +256,6 @@ def _describe_cut(graphs: DeepCacheGraphs) -> Cut:
         skipped_modules=skipped_modules,
         full_nodes=sum(operator_count(g) for g in [*head, full.graph]),
         shallow_nodes=sum(operator_count(g) for g in [*head, shallow.graph]),
-    )
-
-
-def graphs_of(entry: Any, call: Any) -> DeepCacheGraphs:
-    """The `DeepCacheGraphs` of a runtime entry (graphs.Entry) for a bound call."""
-    if not isinstance(entry.full, LazyGraph):
-        raise TypeError("this DeepCacheUNet runs AOT-compiled graphs (a loaded package): it has no FX graphs")
-    return DeepCacheGraphs(
-        full=entry.full.graph,
-        shallow=entry.shallow.graph,
-        inputs=call.tensors,
-        layout=entry.layout,
-        out_spec=entry.out_spec,
-        key=call.key,
-        signature=describe_signature(call.key),
-        head=entry.graphs["head"].graph if entry.layout.head else None,
     )
 
 
@@ -371,7 +357,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _human_bytes(n: int) -> str:
+def human_bytes(n: int) -> str:
     for unit in ("bytes", "KiB", "MiB"):
         if n < 1024:
             return f"{n:.1f} {unit}" if unit != "bytes" else f"{n} bytes"

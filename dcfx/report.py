@@ -18,10 +18,11 @@ from .capture import CallBinder, capture
 from .config import DeepCacheConfig
 from .costs import GraphCost, equivalents, graph_cost
 from .inspection import operator_count
-from .passes import PassOptions, build_graphs, pass_options
+from .options import pass_options
+from .passes import PassOptions, build_graphs
 from .passes.split import find_skips, split
 from .runtime import DeepCacheUNet
-from .schedule import StepSchedule
+from .policies import StepSchedule
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def report(
         split(gm, 0)  # raises the "no skip connections" error
     chosen = tuple(range(num_skips)) if branches is None else tuple(branches)
     num_full = len(StepSchedule(config).full_steps(num_steps))
-    fuse = pass_options(config)[1]
+    fuse = pass_options(config).fuse
     rows = []
     with torch.no_grad():
         for b in chosen:

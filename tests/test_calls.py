@@ -175,7 +175,7 @@ def test_model_state_options_with_the_fused_cut(option, branch):
             torch.testing.assert_close(out, oracle(pattern[i], x, t, encoder_hidden_states=cond).sample, **TOL)
             x = x - 0.1 * out
     assert fast.history[-1] == pattern
-    (entry,) = fast._entries.values()
+    (entry,) = fast.runtime.entries.current.values()
     assert entry.shallow.graph.meta.get("dcfx_fused", 0) == 1
 
 

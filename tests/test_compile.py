@@ -41,5 +41,5 @@ def test_compiled_graphs_equal_eager_and_never_recompile():
     assert set(compiled.compile_seconds) == {"full[0]", "shallow[0]"}
     assert set(wrapped._orig_mod.compile_seconds) == {"full[0]", "shallow[0]"}
     # The fused op is in the graph that was compiled (fullgraph=True: dynamo took it whole).
-    (entry,) = compiled._entries.values()
+    (entry,) = compiled.runtime.entries.current.values()
     assert any(n.target is FUSED_OP for n in entry.shallow.graph.graph.nodes)

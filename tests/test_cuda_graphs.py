@@ -46,8 +46,8 @@ def test_cache_buffer_is_reused_across_steps_and_generations():
             fast.begin(4)
             for t in (900, 700, 500, 300):
                 fast(x, torch.tensor(t), ehs)
-                (entry,) = fast._entries.values()
-                (slot,) = fast._slots(entry)
+                (entry,) = fast.runtime.entries.current.values()
+                (slot,) = fast.runtime.slots(entry)
                 ptrs.update(t.data_ptr() for t in slot.buffers)
     assert len(ptrs) == len(slot.buffers) == 2  # the feature and its group statistics
 

@@ -247,7 +247,7 @@ def test_compile_true_on_cuda_uses_the_twins_and_matches_eager(monkeypatch):
             b = compiled(x + 0.1 * i, t, encoder_hidden_states=e).sample
             assert_close(b, a, rtol=1e-4, atol=1e-4)
     assert set(compiled.compile_seconds) == {"full[0]", "shallow[0]"}
-    (entry,) = compiled._entries.values()
+    (entry,) = compiled.runtime.entries.current.values()
     (_, shallow), = entry.shallow._compiled.values()
     graph = getattr(shallow, "_orig_mod", shallow)
     targets = {n.target for n in graph.graph.nodes if n.op == "call_function"}

@@ -127,7 +127,7 @@ def test_fusion_can_be_turned_off(monkeypatch):
         fast = dcfx.optimize(unet, interval=2)
         with torch.no_grad():
             outs = [fast(x, t, ehs).sample for t in (900, 800)]
-        (entry,) = fast._entries.values()
+        (entry,) = fast.runtime.entries.current.values()
         return outs, entry.shallow.graph
 
     fused_outs, fused_graph = run()
@@ -139,7 +139,7 @@ def test_fusion_can_be_turned_off(monkeypatch):
     monkeypatch.delenv("DCFX_DISABLE_FUSION")
     with torch.no_grad():
         config_off(x, 900, ehs), config_off(x, 800, ehs)
-    (entry,) = config_off._entries.values()
+    (entry,) = config_off.runtime.entries.current.values()
     assert not any(n.target is FUSED_OP for n in entry.shallow.graph.graph.nodes)
 
 

@@ -13,7 +13,8 @@ from _tiny_unet import CROSS_DIM, LATENT, TOKENS, Recorder, skip_channels, skip_
 from diffusers import DDIMScheduler
 
 import dcfx
-from dcfx.calibrate import choose_full_steps, full_steps_for, spearman
+from dcfx.costs import full_steps_for
+from dcfx.policies.calibrate import choose_full_steps, spearman
 
 STEPS = 10
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -403,6 +404,16 @@ def test_adaptive_true_is_the_default_signal():
 
 
 # -- cost -----------------------------------------------------------------------------------
+
+
+def test_every_signal_is_a_setting_and_its_source_splits_the_graphs():
+    from dcfx.config import SIGNALS as SETTINGS
+    from dcfx.policies import SIGNALS
+    from dcfx.policies.adaptive import CUT
+
+    assert set(SIGNALS) == set(SETTINGS)
+    for name, signal in SIGNALS.items():
+        assert dcfx.DeepCacheConfig(adaptive=name).needs_head == (signal.source == CUT), name
 
 
 def test_spent_counts_flops_as_report_does(unet):

@@ -272,8 +272,8 @@ def test_moving_away_and_back_reuses_captures_and_cache_buffers(monkeypatch):
         fast.begin(4)
         with torch.no_grad():
             outs = [fast(x.to(dtype), t, encoder_hidden_states=e.to(dtype)).sample for t in (900, 700, 500, 300)]
-        (entry,) = fast._entries.values()
-        (slot,) = fast._slots(entry)
+        (entry,) = fast.runtime.entries.current.values()
+        (slot,) = fast.runtime.slots(entry)
         return outs, [b.data_ptr() for b in slot.buffers]
 
     before, ptrs = generation(torch.float32)
@@ -300,11 +300,11 @@ def test_replaced_parameters_drop_the_old_states():
         fast(x, 900, encoder_hidden_states=e)
         fast.to(torch.float64)
         fast(x.double(), 950, encoder_hidden_states=e.double())
-        assert len(fast._states) == 2
+        assert len(fast.runtime.entries.states) == 2
         unet.conv_out.weight = torch.nn.Parameter(unet.conv_out.weight.detach() * 2)
         out = fast(x.double(), 990, encoder_hidden_states=e.double()).sample
         torch.testing.assert_close(out, unet(x.double(), 990, encoder_hidden_states=e.double()).sample)
-    assert len(fast._states) == 1
+    assert len(fast.runtime.entries.states) == 1
 
 
 # -- 4. interrupted generations -------------------------------------------------------------
@@ -357,7 +357,7 @@ def test_pickle_copy_and_torch_save_round_trip(tiny):
     for clone in clones:
         assert isinstance(clone, DeepCacheUNet) and clone.unet is not unet
         assert clone.deepcache_config == fast.deepcache_config
-        assert clone.history == () and not clone._states  # graphs are rebuilt lazily
+        assert clone.history == () and not clone.runtime.entries.states  # graphs are rebuilt lazily
         with torch.no_grad():
             outs = [clone(x, t, encoder_hidden_states=uncond).sample for t in (900, 700, 500)]
         assert clone.history == ("FSF",)

@@ -202,7 +202,7 @@ def test_each_branch_matches_manual_deepcache(unet, inputs, branch, fuse_cut):
         with torch.no_grad():  # not through the oracle: an "F" call would refresh its cache
             plain_outputs.append((out, unet(xt, t, encoder_hidden_states=e).sample))
     assert fast.history == ("FSSFS",)
-    (entry,) = fast._entries.values()
+    (entry,) = fast.runtime.entries.current.values()
     # the cut's concatenation (read by GroupNorm+SiLU and the 1x1 shortcut) is fused, or not
     assert entry.shallow.graph.meta.get("dcfx_fused", 0) == (1 if fuse_cut else 0)
     # the shallow steps really used the cache: they differ from the plain U-Net
@@ -259,7 +259,7 @@ def test_moving_to_float64_after_use_recaptures_and_stays_correct():
         torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     # the graphs now in use hold the U-Net's own (float64) parameters
     params = {id(p) for p in own.parameters()}
-    for entry in fast._entries.values():
+    for entry in fast.runtime.entries.current.values():
         for graph in (entry.full.graph, entry.shallow.graph):
             for _, p in graph.named_parameters():
                 assert id(p) in params and p.dtype == torch.float64
@@ -300,7 +300,7 @@ def test_parameters_are_unchanged_and_shared_with_the_graphs(unet, inputs):
         assert torch.equal(b, buffers[name]), name
     # no copies: every weight the graphs read is one of the U-Net's tensors (same storage)
     storage = {t.data_ptr() for t in (*unet.parameters(), *unet.buffers())}
-    (entry,) = fast._entries.values()
+    (entry,) = fast.runtime.entries.current.values()
     for graph in (entry.full.graph, entry.shallow.graph):
         read = 0
         for node in graph.graph.nodes:
@@ -700,7 +700,7 @@ def test_autocast_is_part_of_the_signature(unet, inputs):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = run(fast, x, 800, e)  # a new capture: runs full, no dtype clash
         expected = run(unet, x, 800, e)
-    assert len(fast._entries) == 2
+    assert len(fast.runtime.entries.current) == 2
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 

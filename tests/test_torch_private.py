@@ -212,3 +212,33 @@ def test_item_10_operator_schema():
     assert private.out_of_place(aten.add_.Tensor) is aten.add.Tensor and private.out_of_place(aten.mul_.Scalar) is aten.mul.Scalar, broken(
         "10", "an in-place overload's schema name or overload name no longer leads to its out-of-place twin"
     )
+
+
+def test_item_11_export_error_logger():
+    import importlib
+    import logging
+
+    for name in private.EXPORT_ERROR_LOGGERS:
+        module = importlib.import_module(name)
+        assert isinstance(getattr(module, "log", None), logging.Logger) and module.log.name == name, broken(
+            "11", f"{name} no longer logs through a logger of its own name (capture holds back its records)"
+        )
+
+
+def test_item_12_inductor_aot_compile_options_and_config():
+    import torch._inductor.config as inductor_config
+
+    assert "aot_inductor.package_constants_on_disk_format" in private.inductor_options(), broken(
+        "12", "torch._inductor.list_options() lacks AOTInductor's on-disk weights option"
+    )
+    assert private.inductor_mode_options("reduce-overhead").get("triton.cudagraphs") is True, broken(
+        "12", "torch._inductor.list_mode_options('reduce-overhead') no longer names inductor's CUDA graphs"
+    )
+    before = inductor_config.cpp.enable_kernel_profile
+    with private.inductor_config_patch({"cpp.enable_kernel_profile": not before}):
+        assert inductor_config.cpp.enable_kernel_profile is (not before), broken("12", "torch._inductor.config.patch sets nothing")
+    assert inductor_config.cpp.enable_kernel_profile is before
+    parameters = inspect.signature(torch._inductor.aot_compile).parameters
+    assert list(parameters)[:2] == ["gm", "args"] and "options" in parameters, broken(
+        "12", f"torch._inductor.aot_compile takes {list(parameters)} (dcfx passes a module, its inputs and options=)"
+    )

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from dcfx import DeepCacheConfig
 from dcfx.costs import equivalents
 from dcfx.models.compare import SCHEDULERS
-from dcfx.schedule import StepSchedule
+from dcfx.policies import StepSchedule
 
 SPACINGS = ("leading", "trailing", "linspace")
 BUDGETS = (5, 7, 10, 14)

@@ -27,10 +27,11 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from .. import _torch_private as _private
 from .._torch_private import pytree
 from ..api import optimize
 from ..config import DeepCacheConfig
-from ..inspection import _human_bytes
+from ..inspection import human_bytes
 from ..report import report
 from ._model import DTYPES, add_model_arguments, build_model, model_call, native_resolution, parse_device
 
@@ -281,9 +282,7 @@ def run(args: argparse.Namespace) -> str:
         if args.compile and not cuda:
             # Name inductor's C++ kernels in the profile (else one opaque call per graph);
             # an inductor setting of torch 2.11-2.13 (part of the compile cache key).
-            import torch._inductor.config as inductor_config
-
-            stack.enter_context(inductor_config.patch({"cpp.enable_kernel_profile": True}))
+            stack.enter_context(_private.inductor_config_patch({"cpp.enable_kernel_profile": True}))
         return _run(args, device, dtype, note)
 
 
@@ -327,7 +326,7 @@ def _run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, not
         f"warm-up ({min(args.steps, _WARMUP_STEPS)} steps: capture{', compile' if args.compile else ''}) "
         f"{warmup_s:.1f} s; profiled generation {profiled_s:.2f} s ({fast.history[-1]}), "
         f"times below are under the profiler (it adds a little per operator)",
-        f"cut: {cut.consumer} reads the cached feature ({_human_bytes(cut.cached_bytes)} per call slot); "
+        f"cut: {cut.consumer} reads the cached feature ({human_bytes(cut.cached_bytes)} per call slot); "
         f"shallow steps skip {', '.join(cut.skipped_modules)}",
     ]
     for kind in kinds.values():

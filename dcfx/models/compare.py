@@ -21,7 +21,7 @@ from ..api import disable, enable, optimize
 from ..config import DeepCacheConfig
 from ..costs import GraphCost
 from ..report import report
-from ..schedule import StepSchedule
+from ..policies import StepSchedule
 from .calls import example_call
 from .quality import psnr
 

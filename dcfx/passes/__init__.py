@@ -1,7 +1,10 @@
-"""Graph passes: split (full and shallow graph, or head, rest and tail), fuse (the shallow
+"""Graph passes: split (full and shallow graph, or head, rest and tail; a split rule first
+rewrites in-place writes into intermediates out of place, `functional`), fuse (the shallow
 graph's cut point, and the cached feature's statistics moved to the full graph), forecast (the
-shallow graph extrapolates the cached feature). `build_graphs` runs them for one config and
-returns the graphs with their `CacheLayout`."""
+shallow graph extrapolates the cached feature). `build_graphs` runs them for one
+`PassOptions` and returns the graphs with their `CacheLayout`. Passes are pure: graphs and
+options in, graphs out.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +12,12 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from ..config import DeepCacheConfig
 from .forecast import FORECAST_META, forecast
-from .fuse import cache_cut_stats, fuse_cut, fusion_disabled
+from .fuse import cache_cut_stats, fuse_cut
 from .layout import HEADED, PAIR, CacheLayout, UNetCut
 from .split import CACHED_OUTPUTS, split, split_head
 
-__all__ = ["CacheLayout", "GraphSet", "PassOptions", "UNetCut", "build_graphs", "deepcache_graphs", "pass_options"]
-
-
-def pass_options(config: DeepCacheConfig) -> tuple[int, bool]:
-    """(branch, fuse) as the passes apply them: DCFX_DISABLE_FUSION=1 overrides fuse_cut."""
-    return config.branch, config.fuse_cut and not fusion_disabled()
+__all__ = ["CacheLayout", "PassOptions", "PassOutput", "UNetCut", "build_graphs", "deepcache_graphs"]
 
 
 def deepcache_graphs(gm: fx.GraphModule, branch: int, fuse: bool) -> tuple[fx.GraphModule, fx.GraphModule]:
@@ -43,14 +40,9 @@ class PassOptions:
     head: bool = False  # head, rest and tail instead of full and shallow (adaptive gating)
     timestep_index: int | None = None  # the timestep's placeholder (a forecast needs it)
 
-    @classmethod
-    def of(cls, config: DeepCacheConfig, timestep_index: int | None) -> "PassOptions":
-        branch, fuse = pass_options(config)
-        return cls(branch, fuse, config.forecast, config.needs_head, timestep_index)
-
 
 @dataclass
-class GraphSet:
+class PassOutput:
     """The graphs of one captured call under `PassOptions`, by kind (`layout.graphs`), and
     their layout."""
 
@@ -58,7 +50,7 @@ class GraphSet:
     layout: CacheLayout
 
 
-def build_graphs(gm: fx.GraphModule, options: PassOptions) -> GraphSet:
+def build_graphs(gm: fx.GraphModule, options: PassOptions) -> PassOutput:
     """Run the passes on captured graph `gm` (not modified) for `options`."""
     if options.head:
         parts = split_head(gm, options.branch)
@@ -87,4 +79,4 @@ def build_graphs(gm: fx.GraphModule, options: PassOptions) -> GraphSet:
         cut_index=cut_index,
         timestep_index=options.timestep_index,
     )
-    return GraphSet({**extra, names[-2]: full, names[-1]: shallow}, layout)
+    return PassOutput({**extra, names[-2]: full, names[-1]: shallow}, layout)

@@ -27,19 +27,30 @@ aten = torch.ops.aten
 _VIEWS = {aten.slice.Tensor: aten.slice_scatter.default, aten.select.int: aten.select_scatter.default}
 
 
+def functional(gm: fx.GraphModule) -> fx.GraphModule:
+    """`gm` if it writes into no intermediate in place, else a copy with those writes
+    rewritten (`remove_mutations`); `gm` itself is not modified. The split rules start so."""
+    if not any(_written_intermediate(n) is not None for n in gm.graph.nodes):
+        return gm
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    out = fx.GraphModule(gm, graph)
+    out.meta.update(gm.meta)
+    remove_mutations(out)
+    return out
+
+
 def remove_mutations(gm: fx.GraphModule) -> int:
     """Rewrite `gm` in place (see the module docstring); returns the writes removed."""
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     removed = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or not writes_first_argument(node.target):
+        base = _written_intermediate(node)
+        if base is None:
             continue
         view = node.args[0]
         chain = _view_chain(view)
-        base = chain[0][0] if chain else view
-        if not isinstance(base, fx.Node) or base.op != "call_function":
-            continue  # an input or a weight: a real effect, kept
         _check_no_stale_views(base, node, order)
         with graph.inserting_before(node):
             value = _functional_value(graph, node, view)
@@ -61,6 +72,16 @@ def remove_mutations(gm: fx.GraphModule) -> int:
         graph.lint()
         gm.recompile()
     return removed
+
+
+def _written_intermediate(node: fx.Node) -> fx.Node | None:
+    """The intermediate tensor `node` writes into in place (through views); None for any
+    other node, and for writes into an input or a weight (real effects, kept)."""
+    if node.op != "call_function" or not writes_first_argument(node.target):
+        return None
+    chain = _view_chain(node.args[0])
+    base = chain[0][0] if chain else node.args[0]
+    return base if isinstance(base, fx.Node) and base.op == "call_function" else None
 
 
 def _meta(new: fx.Node, write: fx.Node, like: fx.Node) -> None:

@@ -28,7 +28,8 @@ is the cached feature gets them as a new shallow-graph input (`deepcache_feature
 
 so a shallow step reads only the skip tensor for statistics.
 
-`DCFX_DISABLE_FUSION=1` in the environment makes `dcfx.optimize` skip this pass.
+`dcfx.options.pass_options` leaves this pass out where the config (`fuse_cut`) or the
+environment (`DCFX_DISABLE_FUSION=1`) says so.
 
 `inductor_ops(gm)`, applied by dcfx's compile path to a copy of a graph that runs on CUDA,
 swaps both ops for their `torch.library.triton_op` twins (`dcfx::*_inductor`: the same
@@ -36,8 +37,6 @@ kernels, visible to inductor). The graphs this module returns keep the custom op
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 from torch import fx
@@ -50,11 +49,6 @@ FUSED_OP = torch.ops.dcfx.cat_group_norm_silu.default
 STATS_OP = torch.ops.dcfx.group_partial_stats.default
 STATS_INPUT = "deepcache_feature_stats"
 _COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
-
-
-def fusion_disabled() -> bool:
-    """True when the environment variable DCFX_DISABLE_FUSION is set to 1."""
-    return os.environ.get("DCFX_DISABLE_FUSION", "0") == "1"
 
 
 def fuse_cut(gm: fx.GraphModule) -> fx.GraphModule:

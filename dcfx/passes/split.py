@@ -1,7 +1,8 @@
 """Split pass: one captured U-Net graph + a branch -> the full graph and the shallow graph.
 
 In: a GraphModule from `dcfx.capture` (flat tensor placeholders, flat tuple output), ATen
-ops with `meta["val"]`.
+ops with `meta["val"]`. In-place writes into intermediates (FreeU's) are first rewritten out
+of place (`functional`): the shallow graph must not repeat them on the cached feature.
 
 A *skip connection* is a channel concatenation (`aten.cat`, dim 1, two tensors of rank >= 3)
 one of whose operands is an ancestor of the other: the ancestor is the skip tensor `s`,
@@ -36,6 +37,8 @@ from typing import Callable
 import torch
 from torch import fx
 
+from .functional import functional
+
 CACHE_INPUT = "deepcache_feature"
 # Graph meta key: how many trailing outputs of the full graph are cached (and passed, in
 # order, as the shallow graph's trailing inputs). split makes 1; later passes may add more.
@@ -57,7 +60,7 @@ class Skip:
 
 
 @dataclass
-class SplitGraphs:
+class UNetSplit:
     """Result of `split`: outputs of `full` are the input graph's plus the cached feature."""
 
     full: fx.GraphModule
@@ -88,8 +91,9 @@ def find_skips(graph: fx.Graph) -> list[Skip]:
     return [Skip(i, s, h, c) for i, (_, s, h, c) in enumerate(found)]
 
 
-def split(gm: fx.GraphModule, branch: int) -> SplitGraphs:
+def split(gm: fx.GraphModule, branch: int) -> UNetSplit:
     """Split a captured U-Net graph at skip connection `branch` (see the module docstring)."""
+    gm = functional(gm)
     skips = find_skips(gm.graph)
     if not skips:
         raise ValueError(
@@ -102,14 +106,14 @@ def split(gm: fx.GraphModule, branch: int) -> SplitGraphs:
             f"valid branches are 0..{len(skips) - 1}"
         )
     cut = skips[branch]
-    return SplitGraphs(_full_graph(gm, cut.hidden), _shallow_graph(gm, cut), branch, len(skips))
+    return UNetSplit(_full_graph(gm, cut.hidden), _shallow_graph(gm, cut), branch, len(skips))
 
 
 BOUNDARY_INPUT = "head_"  # prefix of the rest/tail placeholders that take the head's outputs
 
 
 @dataclass
-class HeadSplit:
+class UNetHeadSplit:
     """Result of `split_head`: head(*inputs) -> boundary; rest(*inputs, *boundary) -> outputs
     + cached feature; tail(*inputs, *boundary, cached) -> outputs."""
 
@@ -122,14 +126,15 @@ class HeadSplit:
     skip_index: int  # which boundary output is s_b, the fresh feature at the cut
 
 
-def split_head(gm: fx.GraphModule, branch: int) -> HeadSplit:
+def split_head(gm: fx.GraphModule, branch: int) -> UNetHeadSplit:
     """Split a captured U-Net graph at `branch` into head, rest and tail (module docstring)."""
+    gm = functional(gm)
     graphs = split(gm, branch)
     cut = find_skips(gm.graph)[branch]
     head, rest, tail, names = cut_head(gm, graphs.full, graphs.shallow)
     if cut.skip.name not in names:
         raise AssertionError(f"the skip tensor {cut.skip.name} is not among the head's outputs")
-    return HeadSplit(head, rest, tail, branch, graphs.num_skips, len(names), names.index(cut.skip.name))
+    return UNetHeadSplit(head, rest, tail, branch, graphs.num_skips, len(names), names.index(cut.skip.name))
 
 
 def cut_head(gm: fx.GraphModule, full: fx.GraphModule, shallow: fx.GraphModule,

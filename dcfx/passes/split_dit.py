@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from .functional import functional
 from .split import CACHED_OUTPUTS, ancestors, copy_with_cache_input, cut_head, finish_graph
 
 aten = torch.ops.aten
@@ -145,12 +146,14 @@ def find_blocks(graph: fx.Graph) -> list[Block]:
 def split_dit(gm: fx.GraphModule, fn: int, bn: int) -> DiTSplit:
     """Split a captured transformer graph: blocks 0..fn-1 and the last bn blocks run, the
     others are cached as a residual (module docstring)."""
+    gm = functional(gm)
     cut = _Cut(gm.graph, fn, bn)
     return DiTSplit(_full_graph(gm, cut), _shallow_graph(gm, cut), fn, bn, tuple(cut.blocks), tuple(cut.streams))
 
 
 def split_dit_head(gm: fx.GraphModule, fn: int, bn: int) -> DiTHeadSplit:
     """Split a captured transformer graph into head, rest and tail (module docstring)."""
+    gm = functional(gm)
     cut = _Cut(gm.graph, fn, bn)
     stream = cut.streams[0]
     if stream.head_in is None:

@@ -4,14 +4,16 @@ A slot is one stream's (one conditioning's, see `steps.py`) tensors for one entr
 - `buffers`: the full step's cached outputs (the deep feature, then e.g. its group
   statistics), which the shallow graph reads;
 - with a forecast of order k: `history` (the features of the k full steps before) and
-  `times` (float32 [n, t0, t1, ...]: how many features are valid, and their timesteps);
-- for a head-gated policy, `reference`: the fresh feature at the cut, at the last full step
-  ("cut") or the last step ("accumulated");
-- for the latent-gated policy, `samples`: the last three samples.
+  `times` (float32 [n, t0, t1, ...]: how many features are valid, and their timesteps;
+  `policies.forecast` keeps them);
+- for an adaptive signal, `kept`: the signal's earlier values of its source, newest first
+  (the fresh feature at the cut at the last full step, or at the last step; the last three
+  samples).
 A slot is valid only in the generation that wrote it, so a cache never crosses generations.
 Buffers are allocated once and always written in place, so a captured CUDA graph that reads
-them stays valid: full steps copy into them, shallow steps read them. All updates are device
-operations decided on the host: nothing is read back.
+them stays valid: full steps copy into them, shallow steps read them. The device work here
+(`store`, `keep`) reads nothing back; the generation stamps are host bookkeeping that the
+step (`run.take_step`) writes, never a captured graph.
 """
 
 from __future__ import annotations
@@ -20,18 +22,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..policies.forecast import new_history, remember
+
 
 @dataclass(eq=False)
 class Slot:
     buffers: list[torch.Tensor]
-    generation: int
+    generation: int = -1  # the generation whose full step wrote `buffers` (-1: none yet)
     history: list[torch.Tensor] = field(default_factory=list)
     times: torch.Tensor | None = None
-    reference: torch.Tensor | None = None
-    reference_generation: int = -1
-    samples: list[torch.Tensor] = field(default_factory=list)
-    samples_seen: int = 0  # samples recorded in `samples_generation` (host count)
-    samples_generation: int = -1
+    kept: list[torch.Tensor] = field(default_factory=list)
+    kept_generation: int = -1  # the generation `kept_count` counts in
+    kept_count: int = 0  # values kept in that generation (host count)
 
     def inputs(self) -> list[torch.Tensor]:
         """The shallow graph's trailing inputs."""
@@ -39,11 +41,14 @@ class Slot:
             return self.buffers
         return [self.buffers[0], *self.history, self.times]
 
-    @property
-    def nbytes(self) -> int:
-        tensors = [*self.buffers, *self.history, *self.samples]
-        tensors += [t for t in (self.times, self.reference) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+    def ready(self, generation: int, depth: int) -> bool:
+        """Whether this generation kept enough values for a signal of this depth."""
+        return self.kept_generation == generation and self.kept_count >= depth
+
+    def count_kept(self, generation: int) -> None:
+        if self.kept_generation != generation:
+            self.kept_generation, self.kept_count = generation, 0
+        self.kept_count += 1
 
 
 def _new(t: torch.Tensor) -> torch.Tensor:
@@ -52,54 +57,31 @@ def _new(t: torch.Tensor) -> torch.Tensor:
         return torch.empty_like(t)
 
 
-def store(slot: Slot | None, cached: tuple[torch.Tensor, ...], generation: int, forecast: int,
+def store(slot: Slot | None, cached: tuple[torch.Tensor, ...], restart: bool, forecast: int,
           timestep: torch.Tensor | None) -> Slot:
     """Keep a full step's cached outputs in `slot` (allocated when None), in place.
 
-    With a forecast the feature's history shifts back first, unless the slot holds another
-    generation's features (then the history restarts at this step).
+    With a forecast the feature's history shifts back first, unless `restart` (the slot holds
+    another generation's features, or none): then the history starts over at this step.
     """
     # Detached: a cache must not keep a full step's autograd graph alive.
     with torch.no_grad():
         if slot is None:
-            slot = Slot([_new(t) for t in cached], generation)
+            slot = Slot([_new(t) for t in cached])
             if forecast:
-                slot.history = [_new(cached[0]) for _ in range(forecast)]
-                with torch.inference_mode(False):
-                    slot.times = torch.zeros(forecast + 2, dtype=torch.float32, device=cached[0].device)
+                slot.history, slot.times = new_history(cached[0], forecast)
+            restart = True
         if forecast:
-            same = slot.generation == generation
-            if same:
-                for older, newer in zip(reversed(slot.history), reversed([slot.buffers[0], *slot.history[:-1]])):
-                    older.copy_(newer)
-                slot.times[2:].copy_(slot.times[1:-1].clone())
-                slot.times[0].add_(1).clamp_(max=forecast + 1)
-            else:
-                slot.times[0].fill_(1)
-            if timestep is not None:
-                slot.times[1].copy_(timestep.reshape(-1)[0])
+            remember(slot.history, slot.buffers[0], slot.times, restart, timestep)
         for buffer, t in zip(slot.buffers, cached):
             buffer.copy_(t)
-    slot.generation = generation
     return slot
 
 
-def keep_reference(slot: Slot, feature: torch.Tensor, generation: int) -> None:
-    """Remember `feature` (the fresh feature at the cut) as the next signal's reference."""
+def keep(slot: Slot, value: torch.Tensor, depth: int) -> None:
+    """Push `value` onto the slot's `depth` kept values (newest first), in place."""
     with torch.no_grad():
-        if slot.reference is None:
-            slot.reference = _new(feature)
-        slot.reference.copy_(feature)
-    slot.reference_generation = generation
-
-
-def keep_sample(slot: Slot, sample: torch.Tensor, generation: int) -> None:
-    """Push `sample` onto the slot's last three samples (newest first)."""
-    with torch.no_grad():
-        if not slot.samples:
-            slot.samples = [_new(sample) for _ in range(3)]
-        if slot.samples_generation != generation:
-            slot.samples_seen, slot.samples_generation = 0, generation
-        for older, newer in zip(reversed(slot.samples), reversed([sample, *slot.samples[:-1]])):
+        if not slot.kept:
+            slot.kept = [_new(value) for _ in range(depth)]
+        for older, newer in zip(reversed(slot.kept), reversed([value, *slot.kept[:-1]])):
             older.copy_(newer)
-    slot.samples_seen += 1

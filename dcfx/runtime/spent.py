@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from ..costs import Spent, spent
-from .graphs import GraphCache
+from .entries import EntryCache
 from .steps import Generation
 
 
-def spent_of(gen: Generation, graphs: GraphCache) -> Spent:
-    entries = {e.serial: e for e in graphs.all_entries()}
+def spent_of(gen: Generation, cache: EntryCache) -> Spent:
+    entries = {e.serial: e for e in cache.all()}
     runs = [key for key in gen.counts if isinstance(key, tuple)]  # (entry serial, graph kind)
     costs = {serial: entries[serial].cost() if serial in entries else None for serial, _ in runs}
     # Plain calls (past the export limit) cost a full call of the first graph set that ran.

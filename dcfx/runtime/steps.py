@@ -3,8 +3,8 @@
 A *stream* is the calls that share their conditioning (every tensor argument except the
 sample, the timestep and per-step residuals such as ControlNet's): the uncond and the cond
 call of separate guidance are two streams, two interleaved generations with their own
-prompts are two streams. Each stream keeps its own cached features (`slots.py`), so a call
-never reads the cache of another conditioning, whatever the order of calls.
+prompts are two streams. Each stream keeps its own cached features (its slots, `slots.py`),
+so a call never reads the cache of another conditioning, whatever the order of calls.
 
 A *step* is the calls that evaluate the same sample at the same timestep: the same sample
 object, unmodified since, with the same timestep (object or number; or another timestep
@@ -51,9 +51,10 @@ from typing import Any, Callable
 import torch
 
 from .._torch_private import tensor_version
+
 # Generations whose logs `history` keeps (per thread).
 HISTORY_LENGTH = 17  # the current generation and the 16 before it
-# Streams kept per thread (each holds its conditioning tensors and, in slots.py, its caches);
+# Streams kept per thread (each holds its conditioning tensors and its slots, `slots.py`);
 # the least recently used beyond this are dropped.
 MAX_STREAMS = 32
 
@@ -117,7 +118,7 @@ class Stream:
     versions: tuple[int | None, ...]
     generation: Generation | None = None
     used: bool = False  # placed at least once
-    caches: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)  # entry -> slots.Cache
+    slots: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)  # entry -> slots.Slot
 
     def same(self, tensors: tuple[torch.Tensor, ...]) -> bool:
         return len(tensors) == len(self.tensors) and all(
@@ -330,7 +331,7 @@ class StepTracker:
 
     def slots(self, entry: Any) -> list[Any]:
         """The calling thread's slots for `entry`, one per stream that has one."""
-        return [s.caches[entry] for streams in self._me().streams.values() for s in streams if entry in s.caches]
+        return [s.slots[entry] for streams in self._me().streams.values() for s in streams if entry in s.slots]
 
     def generations(self) -> tuple[Generation, ...]:
         return tuple(self._me().generations)

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from .config import DeepCacheConfig, integer
+from ..config import DeepCacheConfig, integer
 
 
 def nonuniform_full_steps(num_steps: int, interval: int, center: int = 15, power: float = 1.4) -> tuple[int, ...]:

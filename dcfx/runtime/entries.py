@@ -1,18 +1,16 @@
-"""The graph cache: per module state and input signature, the graphs a call runs.
+"""The entry cache: per module state and input signature, the graphs a call runs.
 
 An `Entry` is what one input signature (`capture.Call.key`) runs in one module state: the
 graphs the passes made of its capture (full and shallow, or head, rest and tail), each
-compiled lazily by `compile.LazyGraph`, and what the runtime needs to call them.
+compiled lazily (`compile.LazyCompiled`), and what the runtime needs to call them. A
+`PackagedModel` (an AOT package's stand-in U-Net) brings one precompiled entry instead.
 
-Module state. Captures bake in the U-Net's non-tensor state, so they are kept per state:
-- the parameters (which tensors, their dtypes and devices) and every submodule's scalar
-  attributes, checked at the first call of each generation (`check(full=True)`);
-- a cheap watch, at the first call of every step: the attributes that change what a U-Net
-  computes without touching its parameters (FreeU factors, attention processors and their
-  scales, PEFT adapter scalings and switches), so that a change made by a step callback
-  takes effect at that very step.
-A state seen before (moved away and back) gets its graphs back; parameters replaced drop the
-others; at most `MAX_STATES` are kept, least recently used first.
+Module state. Captures bake in the U-Net's non-tensor state (`module_state.py`), so entries
+are kept per state: the parameters and every submodule's scalar attributes are checked at
+the first call of each generation (`check(full=True)`), the watched attributes at the first
+call of every step. A state seen before (moved away and back) gets its graphs back;
+parameters replaced drop the others; at most `MAX_STATES` are kept, least recently used
+first.
 
 Exports are bounded: a generation that would export more than `max_exports` times (an argument
 that changes every step and cannot be a graph input) gets one warning naming the argument and
@@ -32,12 +30,15 @@ import torch
 from torch import nn
 
 from .._torch_private import pytree
-from ..capture import Call, capture
-from ..signature import changed_arguments, describe_signature
-from ..compile import TRACING, Compiler, LazyGraph
+from ..capture import Call, CallBinder, FloatsNotLiftable, capture
+from ..compile import TRACING, Compiler, LazyCompiled
 from ..config import DeepCacheConfig
 from ..costs import GraphCost, graph_cost
-from ..passes import CacheLayout, GraphSet, PassOptions, build_graphs
+from ..inspection import DeepCacheGraphs
+from ..options import pass_options
+from ..passes import CacheLayout, PassOutput, build_graphs
+from ..signature import changed_arguments, describe_signature
+from .module_state import Watch, param_fingerprint, state_digest
 
 # Module states whose graphs and cache buffers are kept (dtype/device moves, FreeU on/off, ...).
 MAX_STATES = 8
@@ -47,7 +48,7 @@ _SHARED: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary(
 _SERIAL = itertools.count()
 
 
-class Fixed:
+class Precompiled:
     """A graph that runs as given (an AOT-compiled one): never captured nor compiled again."""
 
     def __init__(self, fn: Callable, name: str):
@@ -66,7 +67,7 @@ class Entry:
 
     key: tuple
     out_spec: pytree.TreeSpec
-    graphs: dict[str, LazyGraph | Fixed]
+    graphs: dict[str, LazyCompiled | Precompiled]
     layout: CacheLayout
     cuda: bool = False  # the signature pins the device: NVTX ranges or not, decided once
     example: tuple | None = None  # the capture's inputs (meta copies), to count FLOPs
@@ -78,12 +79,12 @@ class Entry:
         self.ranges = {kind: f"dcfx.{kind}[{self.layout.cut.label}]" for kind in self.graphs}
 
     @property
-    def full(self) -> LazyGraph | Fixed:
+    def full(self) -> LazyCompiled | Precompiled:
         """The graph of a full step (rest, for a head-gated policy)."""
         return self.graphs[self.layout.full_kind]
 
     @property
-    def shallow(self) -> LazyGraph | Fixed:
+    def shallow(self) -> LazyCompiled | Precompiled:
         """The graph of a shallow step (tail, for a head-gated policy)."""
         return self.graphs[self.layout.shallow_kind]
 
@@ -91,32 +92,78 @@ class Entry:
         """FLOPs per call of each graph (`dcfx.costs`), counted on meta tensors once; None
         for graphs without FX code (AOT-compiled)."""
         if self._cost is None and self.example is not None:
-            graphs = {k: g.graph for k, g in self.graphs.items() if isinstance(g, LazyGraph)}
+            graphs = {k: g.graph for k, g in self.graphs.items() if isinstance(g, LazyCompiled)}
             if len(graphs) == len(self.graphs):
                 self._cost = graph_cost(graphs, self.layout, self.example)
         return self._cost
 
+    def rebuild(self, outputs: tuple, return_dict: bool) -> Any:
+        """The model's return value from a call's output leaves."""
+        result = pytree.tree_unflatten(list(outputs), self.out_spec)
+        if not return_dict and hasattr(result, "to_tuple"):
+            result = result.to_tuple()
+        return result
 
-class GraphCache:
+    def view(self, call: Call) -> DeepCacheGraphs:
+        """The graphs this entry runs, for inspection (`DeepCacheUNet.graphs`)."""
+        if not isinstance(self.full, LazyCompiled):
+            raise TypeError("this DeepCacheUNet runs AOT-compiled graphs (a loaded package): it has no FX graphs")
+        return DeepCacheGraphs(
+            full=self.full.graph,
+            shallow=self.shallow.graph,
+            inputs=call.tensors,
+            layout=self.layout,
+            out_spec=self.out_spec,
+            key=call.key,
+            signature=describe_signature(call.key),
+            head=self.graphs["head"].graph if self.layout.head else None,
+        )
+
+    @property
+    def compile_seconds(self) -> dict[str, float]:
+        """Seconds of each graph's first (compiling) call, by kind; compiled graphs only."""
+        return {k: g.compile_seconds for k, g in self.graphs.items() if g.compile_seconds is not None}
+
+
+class PackagedModel(nn.Module):
+    """A stand-in model whose graphs were compiled ahead of time (an AOT package).
+
+    A `DeepCacheUNet` around it runs `runners` (by kind, as `layout.graphs` names them) for
+    calls with signature `key`, and refuses every other signature. Subclasses set the
+    attributes and `check` a config against the packaged graphs.
+    """
+
+    key: tuple
+    signature: str  # `key` in words
+    out_spec: pytree.TreeSpec
+    layout: CacheLayout
+    runners: dict[str, Callable]
+
+    def check(self, config: DeepCacheConfig) -> None:
+        """Raise ValueError if the packaged graphs cannot run `config`."""
+
+
+class EntryCache:
     """Entries per module state and signature, for one DeepCacheUNet."""
 
-    def __init__(self, unet: nn.Module, config: DeepCacheConfig, max_exports: int = 4):
+    def __init__(self, unet: nn.Module, config: DeepCacheConfig, binder: CallBinder, max_exports: int = 4):
         self.unet = unet
         self.config = config
+        self.binder = binder
         self.max_exports = max_exports
         # fingerprint -> {signature key -> Entry}, least recently used first.
         self.states: collections.OrderedDict[tuple, dict[tuple, Entry]] = collections.OrderedDict()
         self.fingerprint: tuple | None = None
         self.preloaded: tuple[tuple, str, Entry] | None = None
-        self._watch: _Watch | None = None
+        self._watch: Watch | None = None
         self._warned = False
 
     @property
-    def entries(self) -> dict[tuple, Entry]:
+    def current(self) -> dict[tuple, Entry]:
         """The current module state's entries, by signature key."""
         return self.states.get(self.fingerprint, {})
 
-    def all_entries(self) -> list[Entry]:
+    def all(self) -> list[Entry]:
         """Every module state's entries, and a preloaded one (oldest state first)."""
         out = [e for state in self.states.values() for e in state.values()]
         return out + ([self.preloaded[2]] if self.preloaded is not None else [])
@@ -130,17 +177,17 @@ class GraphCache:
             watched = self._watch.digest()
             if watched == self.fingerprint[3]:
                 return
-            self._select((*self.fingerprint[:2], _state_digest(self.unet), watched))
+            self._select((*self.fingerprint[:2], state_digest(self.unet), watched))
             return
-        identity, layout = _param_fingerprint(self.unet)
+        identity, layout = param_fingerprint(self.unet)
         if self._watch is None or self._watch.identity != identity:
-            self._watch = _Watch(self.unet, identity)
-        self._select((identity, layout, _state_digest(self.unet), self._watch.digest()))
+            self._watch = Watch(self.unet, identity)
+        self._select((identity, layout, state_digest(self.unet), self._watch.digest()))
 
     def moved(self) -> None:
         """Parameters changed dtype or device (`.to()` on the wrapper): switch state."""
         if self.fingerprint is not None:
-            identity, layout = _param_fingerprint(self.unet)
+            identity, layout = param_fingerprint(self.unet)
             self._select((identity, layout, *self.fingerprint[2:]))
 
     def _select(self, fp: tuple) -> None:
@@ -167,9 +214,12 @@ class GraphCache:
 
     # -- entries ------------------------------------------------------------------------
 
-    def entry(self, call: Call, exports: list[tuple] | None = None) -> Entry | None:
-        """The entry for `call`; None when `exports` (the signature keys the generation
-        exported so far) is at the limit: the caller then runs the plain U-Net."""
+    def entry(self, call: Call, args: tuple, kwargs: dict, exports: list[tuple] | None = None,
+              ) -> tuple[Entry | None, Call]:
+        """The entry for `call` (bound from `args` and `kwargs`), and the call as bound; the
+        entry is None when `exports` (the signature keys the generation exported so far) is at
+        the limit: the caller then runs the plain U-Net. Where the U-Net branches on a float
+        made a graph input, the call is bound again with its floats as constants."""
         if self.preloaded is not None:
             key, signature, entry = self.preloaded
             if call.key != key:
@@ -177,15 +227,15 @@ class GraphCache:
                     f"this DeepCacheUNet runs an AOT package built for one input signature: "
                     f"{signature}; this call has {describe_signature(call.key)}"
                 )
-            return entry
+            return entry, call
         fp = self.fingerprint
         entries = self.states.get(fp)
         entry = entries.get(call.key) if entries is not None else None
         if entry is not None:
-            return entry
+            return entry, call
         if exports is not None and len(exports) >= self.max_exports:
             self._warn_exports(call, exports)
-            return None
+            return None, call
         with TRACING.exclusive():  # one trace at a time, and no graph running meanwhile
             entries = self.states.get(fp)
             if entries is None:
@@ -194,10 +244,14 @@ class GraphCache:
                     self._drop(next(iter(self.states)))
             entry = entries.get(call.key)
             if entry is None:
-                entry = entries[call.key] = self._build(call, fp)
+                try:
+                    entry = entries[call.key] = self._build(call, fp)
+                except FloatsNotLiftable:  # (a call bound again has no lifted floats)
+                    self.binder.keep_floats(call)  # the U-Net branches on them: constants from now on
+                    return self.entry(self.binder.bind(args, kwargs), args, kwargs, exports)
                 if exports is not None:
                     exports.append(call.key)
-        return entry
+        return entry, call
 
     def _warn_exports(self, call: Call, exports: list[tuple]) -> None:
         if self._warned:
@@ -219,109 +273,21 @@ class GraphCache:
         cap = shared.get(key)
         if cap is None:
             cap = shared[key] = capture(self.unet, call)
-        options = PassOptions.of(self.config, call.timestep_index)
+        options = pass_options(self.config, call.timestep_index)
         graphs_key = (fp, call.key, options)
-        graphs: GraphSet | None = shared.get(graphs_key)
+        graphs: PassOutput | None = shared.get(graphs_key)
         if graphs is None:
             graphs = shared[graphs_key] = build_graphs(cap.graph_module, options)
         return Entry(
-            call.key, cap.out_spec, {k: LazyGraph(g, k) for k, g in graphs.graphs.items()}, graphs.layout,
+            call.key, cap.out_spec, {k: LazyCompiled(g, k) for k, g in graphs.graphs.items()}, graphs.layout,
             cuda=any(t.is_cuda for t in call.tensors),
             example=tuple(torch.empty_like(t, device="meta") for t in call.tensors),
         )
 
-    def preload(self, graphs: Any, runners: dict[str, Callable]) -> None:
-        """Run `runners` (AOT-compiled graphs by kind, as `graphs.layout.graphs` names them)
-        for calls with `graphs.key`, and refuse every other signature. `graphs` has `key`,
-        `signature`, `out_spec` and `layout` (a `DeepCacheGraphs` or a package's record)."""
+    def preload(self, model: PackagedModel) -> None:
+        """Run `model`'s precompiled graphs for calls with its signature, and refuse others."""
         entry = Entry(
-            graphs.key, graphs.out_spec, {kind: Fixed(fn, kind) for kind, fn in runners.items()}, graphs.layout,
-            cuda=any(leaf[0] == "T" and torch.device(leaf[3]).type == "cuda" for leaf in graphs.key[1]),
+            model.key, model.out_spec, {kind: Precompiled(fn, kind) for kind, fn in model.runners.items()}, model.layout,
+            cuda=any(leaf[0] == "T" and torch.device(leaf[3]).type == "cuda" for leaf in model.key[1]),
         )
-        self.preloaded = (graphs.key, graphs.signature, entry)
-
-
-# -- module state ---------------------------------------------------------------------------
-
-
-def _param_fingerprint(module: nn.Module) -> tuple[tuple, tuple]:
-    """(which tensors, their layout): parameters and buffers by name and identity, and the
-    training flag, dtypes, devices and shapes.
-
-    Not data pointers: graphs read the parameters through the same Parameter objects, so
-    weights moved away and back (CPU offload) reuse that state's graphs.
-    """
-    tensors = (*module.named_parameters(), *module.named_buffers())
-    identity = tuple((name, id(t)) for name, t in tensors)
-    layout = (module.training,) + tuple((t.dtype, t.device, tuple(t.shape)) for _, t in tensors)
-    return identity, layout
-
-
-_SCALARS = (bool, int, float, str, type(None))
-# nn.Module bookkeeping that the parameter fingerprint or nothing at all depends on.
-_MODULE_INTERNALS = frozenset(nn.Module().__dict__)
-
-
-def _value(value: Any) -> Any:
-    """A hashable stand-in for a module attribute's value; None: not state."""
-    if isinstance(value, _SCALARS):
-        return value
-    if isinstance(value, (tuple, list)) and all(isinstance(v, _SCALARS) for v in value):
-        return tuple(value)
-    if isinstance(value, dict) and all(isinstance(v, _SCALARS) for v in value.values()):
-        return tuple(sorted(value.items(), key=repr))
-    if not isinstance(value, (torch.Tensor, nn.Module, dict, list, tuple)):
-        return ("object", id(value))  # e.g. an attention processor object
-    return _NOT_STATE
-
-
-_NOT_STATE = object()
-
-
-def _state_digest(module: nn.Module) -> tuple:
-    """The non-tensor state of every submodule a capture may have baked in."""
-    out = []
-    for name, m in module.named_modules():
-        for key, value in m.__dict__.items():
-            if key in _MODULE_INTERNALS:
-                continue
-            v = _value(value)
-            if v is not _NOT_STATE:
-                out.append((name, key, v))
-    return tuple(out)
-
-
-# Attributes that switch or scale what a U-Net computes without touching its parameters:
-# FreeU's factors (on up blocks), attention processors (and, below, their own scalars, e.g.
-# IP-Adapter's scale), PEFT adapters' scalings and switches.
-_WATCHED = frozenset({
-    "s1", "s2", "b1", "b2", "processor", "scaling", "_active_adapter", "_disable_adapters",
-    "merged_adapters", "scale", "_lora_scale",
-})
-
-
-class _Watch:
-    """The watched attributes of one U-Net (found once per parameter set), read cheaply."""
-
-    def __init__(self, unet: nn.Module, identity: tuple):
-        self.identity = identity
-        self._modules = [
-            (m, sorted(k for k in m.__dict__ if k in _WATCHED)) for m in unet.modules()
-            if any(k in _WATCHED for k in m.__dict__)
-        ]
-        # FreeU sets its factors on up blocks that did not have them before.
-        self._freeu = list(getattr(unet, "up_blocks", ()))
-
-    def digest(self) -> tuple:
-        out = []
-        for m, keys in self._modules:
-            d = m.__dict__
-            for k in keys:
-                value = d.get(k)
-                out.append(_value(value))
-                if k == "processor" and value is not None:
-                    out.append(tuple(_value(v) for v in vars(value).values()) if hasattr(value, "__dict__") else ())
-        for block in self._freeu:
-            d = block.__dict__
-            out.append((d.get("s1"), d.get("s2"), d.get("b1"), d.get("b2")))
-        return tuple(out)
+        self.preloaded = (model.key, model.signature, entry)

@@ -1,20 +1,8 @@
-"""Policies: which steps run the deep path.
+"""`Policy`: a config's decisions, fixed (`fixed.py`) or adaptive (`adaptive.py`).
 
-- Fixed (`schedule.py`): uniform, non-uniform or an explicit list (a calibrated one among
-  them). Integer arithmetic on the host; nothing is read from the device, so a whole loop can
-  be graph-captured.
-- Adaptive: a gate on one scalar signal of the step. The first `warmup` steps of a generation
-  are full; after that a step is full when its signal reaches the threshold, or when
-  `max_shallow` shallow steps ran in a row. One decision holds for the whole step: every batch
-  element (the largest change wins) and every call of the step (the first call decides). The
-  signal costs one device-to-host read of one scalar per step, and nothing else:
-  - "cut": the relative L1 change of the fresh feature at the cut (`s_b`, computed by the
-    head graph) since the last full step: First-Block-Cache's signal, at a U-Net's cut;
-  - "accumulated": its change since the previous step, mapped through the `rescale`
-    polynomial that `dcfx.calibrate` fits to the deep feature's true change, summed since the
-    last full step: TeaCache's idea;
-  - "latent": the third-order difference of the last four samples relative to their
-    first-order difference (AdaptiveDiffusion's signal); needs no head graph.
+A fixed policy decides when a step starts, with integer arithmetic on the host: nothing is
+read from the device, so a whole loop can be graph-captured. An adaptive one decides at the
+step's first call from its signal (one scalar read on the host), after a warm-up.
 """
 
 from __future__ import annotations
@@ -22,30 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
-from .config import DeepCacheConfig
-from .schedule import StepSchedule
-
-# Default thresholds, chosen on the embedded digits model (benchmarks/fidelity_study.py) for
-# about the FLOPs of a uniform interval-3 schedule.
-DEFAULT_THRESHOLDS = {"cut": 0.2, "accumulated": 0.2, "latent": 0.25}
-
-
-def relative_l1(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """max over batch rows of mean|x - reference| / mean|reference| (a 0-d float32 tensor)."""
-    x, reference = x.float().flatten(1), reference.float().flatten(1)
-    change = (x - reference).abs().mean(1) / reference.abs().mean(1).clamp_min(1e-12)
-    return change.max()
-
-
-def latent_change(sample: torch.Tensor, previous: list[torch.Tensor]) -> torch.Tensor:
-    """max over batch rows of |third-order difference| / |first-order difference| of the
-    samples (newest first: `sample`, then the last three)."""
-    x0, x1, x2, x3 = (t.float().flatten(1) for t in (sample, *previous))
-    third = (x0 - 3 * x1 + 3 * x2 - x3).abs().mean(1)
-    first = (x0 - x1).abs().mean(1).clamp_min(1e-12)
-    return (third / first).max()
+from ..config import DeepCacheConfig
+from .adaptive import SIGNALS, Signal
+from .fixed import StepSchedule
 
 
 class Policy:
@@ -54,18 +22,19 @@ class Policy:
 
     def __init__(self, config: DeepCacheConfig):
         self.config = config
-        self.adaptive = config.adaptive
+        self.signal: Signal | None = SIGNALS[config.adaptive] if config.adaptive else None
         self.schedule = StepSchedule(config)
-        self.threshold = config.threshold if config.threshold is not None else DEFAULT_THRESHOLDS.get(self.adaptive or "", 0.0)
-        self._rescale = np.poly1d(config.rescale) if config.rescale else None
+        default = self.signal.threshold if self.signal is not None else 0.0
+        self.threshold = config.threshold if config.threshold is not None else default
+        self.rescale = np.poly1d(config.rescale) if config.rescale else None
 
     @property
     def needs_num_steps(self) -> bool:
-        return self.adaptive is None and self.schedule.needs_num_steps
+        return self.signal is None and self.schedule.needs_num_steps
 
     def first(self, state: dict[str, Any], index: int, num_steps: int | None) -> bool | None:
         """A new step's decision, or None when the signal decides (adaptive, after warm-up)."""
-        if self.adaptive is None:
+        if self.signal is None:
             return self.schedule.is_full(index, num_steps)
         if index < self.config.warmup or state.get("run", 0) >= self.config.max_shallow:
             return True
@@ -92,7 +61,7 @@ class Policy:
 
     def check_steps(self, num_steps: int | None) -> None:
         """Refuse a generation of `num_steps` steps (when known) that a calibrated schedule
-        was not fitted for."""
+        is not fitted for."""
         calibration = self.config.calibration
         if calibration is not None and num_steps is not None and num_steps != calibration.num_steps:
             raise ValueError(
@@ -104,8 +73,8 @@ class Policy:
         """The decision from the step's signal (None: not measurable yet, so full)."""
         if signal is None or not np.isfinite(signal):
             return True
-        if self.adaptive == "accumulated":
-            change = float(self._rescale(signal)) if self._rescale is not None else signal
+        if self.signal is not None and self.signal.accumulates:
+            change = float(self.rescale(signal)) if self.rescale is not None else signal
             total = state.get("accumulated", 0.0) + max(change, 0.0)
             state["accumulated"] = total
             return total >= self.threshold
