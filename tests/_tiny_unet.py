@@ -1,5 +1,6 @@
 """Shared by test_runtime.py and test_pipelines.py: tiny random diffusers models, and DeepCache
-done by hand with forward hooks on the plain U-Net (the reference dcfx is checked against).
+done by hand with forward hooks on the plain U-Net (the reference dcfx is checked against),
+also in float64.
 
 Not a test module (no `test_` prefix); pytest puts tests/ on sys.path, so the test files
 import it as `_tiny_unet`.
@@ -8,8 +9,10 @@ import it as `_tiny_unet`.
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
+from _tolerance import as_float64, float64_copy
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
@@ -136,6 +139,47 @@ class ManualDeepCache:
             for h in handles:
                 h.remove()
         assert "".join(calls) == pattern, "the pipeline made another number of U-Net calls"
+
+
+class ReferenceDeepCache:
+    """`ManualDeepCache` on the U-Net and on a float64 copy of it, called alike: each call
+    gives the step's float32 reference and its float64 one (tests/_tolerance.py).
+
+    `unets` are both U-Nets: a test that changes the U-Net's state (FreeU, an attention
+    processor) changes both.
+    """
+
+    def __init__(self, unet: UNet2DConditionModel, branch: int):
+        self.unets = (unet, float64_copy(unet))
+        self.oracles = tuple(ManualDeepCache(u, branch) for u in self.unets)
+
+    def __call__(self, mode: str, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `.sample` of one U-Net call as a full ("F") or shallow ("S") step, float32 and float64."""
+        out32 = self.oracles[0](mode, *args, **kwargs).sample
+        out64 = self.oracles[1](mode, *as_float64(args), **as_float64(kwargs)).sample
+        return out32, out64
+
+
+@contextlib.contextmanager
+def float32_noise():
+    """diffusers' random draws (`randn_tensor`) made in float32 and then cast, in every module
+    that imported it: a float64 pipeline run starts from the float32 run's noise (a float64
+    draw from the same generator gives other numbers)."""
+    from diffusers.utils import torch_utils
+
+    draw = torch_utils.randn_tensor
+
+    def float32_draw(shape, generator=None, device=None, dtype=None, layout=None):
+        return draw(shape, generator=generator, device=device, dtype=torch.float32, layout=layout).to(dtype)
+
+    users = [m for m in list(sys.modules.values()) if getattr(m, "__dict__", {}).get("randn_tensor") is draw]
+    for module in users:
+        module.randn_tensor = float32_draw
+    try:
+        yield
+    finally:
+        for module in users:
+            module.randn_tensor = draw
 
 
 def uniform(num_steps: int, interval: int) -> str:

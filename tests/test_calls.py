@@ -10,13 +10,16 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _tiny_unet import CROSS_DIM, LATENT, TOKENS, ManualDeepCache, tiny_unet, uniform
+from _tiny_unet import CROSS_DIM, LATENT, TOKENS, ReferenceDeepCache, tiny_unet, uniform
+from _tolerance import assert_float32_close, assert_float32_far
 from diffusers import DDIMScheduler, UNet2DModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 import dcfx
 
-TOL = dict(rtol=1e-5, atol=1e-5)
+# Float32 against float64 (tests/_tolerance.py); a change that matters moves the output by more
+# than FAR such bounds.
+FAR = 100
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +43,21 @@ def timesteps(n=9):
 
 
 class Oracles:
-    """One hand-written DeepCache per conditioning (its own cache, whatever the call order)."""
+    """One hand-written DeepCache per conditioning (its own cache, whatever the call order),
+    in float32 and float64."""
 
     def __init__(self, unet, branch=0):
         self.unet, self.branch, self.by_cond = unet, branch, {}
 
     def __call__(self, mode, x, t, cond, **kwargs):
-        oracle = self.by_cond.setdefault(id(cond), ManualDeepCache(self.unet, self.branch))
-        return oracle(mode, x, t, encoder_hidden_states=cond, **kwargs).sample
+        if id(cond) not in self.by_cond:
+            self.by_cond[id(cond)] = ReferenceDeepCache(self.unet, self.branch)
+        return self.by_cond[id(cond)](mode, x, t, encoder_hidden_states=cond, **kwargs)
+
+
+def check(out, expected, what=""):
+    """`out` against a `ReferenceDeepCache` step (float32, float64): tests/_tolerance.py."""
+    assert_float32_close(out, *expected, what=what)
 
 
 # -- 1. separate guidance calls, then the uncond call dropped ---------------------------------
@@ -67,11 +77,10 @@ def test_guidance_cutoff_reads_each_conditionings_own_cache(unet, mode):
         with torch.no_grad():
             if i < 5:
                 u = fast(x, step_t, uncond).sample
-                expected_u = oracles(pattern[i], x, t, uncond)
-                torch.testing.assert_close(u, expected_u, **TOL)
+                check(u, oracles(pattern[i], x, t, uncond), f"uncond step {i}")
             step_t = torch.tensor(int(t)) if mode != "auto" else t
             c = fast(x, step_t, cond).sample  # from step 5 on, only the cond call (a cutoff)
-        torch.testing.assert_close(c, oracles(pattern[i], x, t, cond), **TOL)
+        check(c, oracles(pattern[i], x, t, cond), f"cond step {i}")
         x = x - 0.1 * c
     assert fast.history == (pattern,)
 
@@ -111,13 +120,13 @@ def test_a_float_schedule_costs_one_export(monkeypatch):
     exports = count_exports(monkeypatch)
     (cond,) = conds(n=1)
     fast = dcfx.optimize(unet, interval=3)
-    oracle = ManualDeepCache(unet, 0)
+    oracle = ReferenceDeepCache(unet, 0)
     x = noise()
     for i, t in enumerate(timesteps()):
         kwargs = {"cross_attention_kwargs": {"strength": 1.0 - 0.05 * i, "scale": 0.9}}  # a LoRA scale too
         with torch.no_grad():
             out = fast(x, t, cond, **kwargs).sample
-        torch.testing.assert_close(out, oracle(uniform(9, 3)[i], x, t, encoder_hidden_states=cond, **kwargs).sample, **TOL)
+        check(out, oracle(uniform(9, 3)[i], x, t, encoder_hidden_states=cond, **kwargs), f"step {i}")
         x = x - 0.1 * out
     assert fast.history == (uniform(9, 3),) and len(exports) == 1
 
@@ -168,11 +177,11 @@ def test_model_state_options_with_the_fused_cut(option, branch):
         for t in timesteps(3):
             fast(x, t, cond)  # a first generation without the option
         OPTIONS[option](unet)
-        oracle = ManualDeepCache(unet, branch)
+        oracle = ReferenceDeepCache(unet, branch)  # its float64 copy has the option too
         pattern = uniform(9, 3)
         for i, t in enumerate(timesteps()):
             out = fast(x, t, cond).sample
-            torch.testing.assert_close(out, oracle(pattern[i], x, t, encoder_hidden_states=cond).sample, **TOL)
+            check(out, oracle(pattern[i], x, t, encoder_hidden_states=cond), f"step {i}")
             x = x - 0.1 * out
     assert fast.history[-1] == pattern
     (entry,) = fast.runtime.entries.current.values()
@@ -202,16 +211,17 @@ def test_a_state_change_mid_generation_takes_effect_at_that_step():
     # By hand: the changed steps recompute fully, shallow steps reuse the state's own cache.
     pattern = "FSFSFSFSF"  # interval 4, plus the changed steps 2 and 6
     assert fast.history == (pattern,)
-    oracle, x = ManualDeepCache(unet, 0), x0.clone()
+    oracle, x = ReferenceDeepCache(unet, 0), x0.clone()
     with torch.no_grad():
         for i, t in enumerate(timesteps()):
-            if i == 2:
-                unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
-            if i == 6:
-                unet.disable_freeu()
-            expected = oracle(pattern[i], x, t, encoder_hidden_states=cond).sample
-            torch.testing.assert_close(outs[i], expected, **TOL)
-            x = x - 0.1 * expected
+            for u in oracle.unets:
+                if i == 2:
+                    u.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+                if i == 6:
+                    u.disable_freeu()
+            expected = oracle(pattern[i], x, t, encoder_hidden_states=cond)
+            check(outs[i], expected, f"step {i}")
+            x = x - 0.1 * expected[0]
 
 
 def test_an_attention_processor_scale_set_by_a_callback():
@@ -233,14 +243,17 @@ def test_an_attention_processor_scale_set_by_a_callback():
     pattern = "FFSFSS"  # interval 3, plus the changed step 1
     assert fast.history == (pattern,)
     processor.scale = 0.5
-    oracle, x = ManualDeepCache(unet, 0), x0.clone()
+    oracle, x = ReferenceDeepCache(unet, 0), x0.clone()
+    processors = {p for u in oracle.unets for p in u.attn_processors.values()}  # this one and its float64 copy
+    assert len(processors) == 2
     with torch.no_grad():
         for i, t in enumerate(timesteps(6)):
             if i == 1:
-                processor.scale = 0.0
-            expected = oracle(pattern[i], x, t, encoder_hidden_states=cond).sample
-            torch.testing.assert_close(outs[i], expected, **TOL)
-            x = x - 0.1 * expected
+                for p in processors:
+                    p.scale = 0.0
+            expected = oracle(pattern[i], x, t, encoder_hidden_states=cond)
+            check(outs[i], expected, f"step {i}")
+            x = x - 0.1 * expected[0]
 
 
 class _Scaled(AttnProcessor2_0):
@@ -298,7 +311,7 @@ def test_interleaved_generations_each_see_their_own_last_full_step(unet, mode):
                 if mode == "begin" and i == 0 and name == "b":
                     fast.begin(len(ts))  # B's generation starts at its first call
                 out = fast(xs[name], t, cond).sample
-                torch.testing.assert_close(out, oracles(pattern[i], xs[name], t, cond), **TOL)
+                check(out, oracles(pattern[i], xs[name], t, cond), f"{name} step {i}")
                 xs[name] = xs[name] - 0.1 * out
     assert fast.history == (pattern, pattern)
 
@@ -314,7 +327,7 @@ def test_a_lora_scale_schedule_costs_one_export(monkeypatch):
     exports = count_exports(monkeypatch)
     (cond,) = conds(n=1)
     fast = dcfx.optimize(unet, interval=3)
-    oracle = ManualDeepCache(unet, 0)
+    oracle = ReferenceDeepCache(unet, 0)
     x = noise()
     scales = [1.0 - 0.1 * i for i in range(9)]
     for i, t in enumerate(timesteps()):
@@ -322,8 +335,10 @@ def test_a_lora_scale_schedule_costs_one_export(monkeypatch):
         with torch.no_grad():
             out = fast(x, t, cond, **kwargs).sample
             if i == 1:  # the scale does change the output (the check can fail)
-                assert (unet(x, t, cond, **kwargs).sample - unet(x, t, cond).sample).abs().max() > 1e-3
-        torch.testing.assert_close(out, oracle(uniform(9, 3)[i], x, t, encoder_hidden_states=cond, **kwargs).sample, **TOL)
+                unet64 = oracle.unets[1]
+                scaled = unet(x, t, cond, **kwargs).sample, unet64(x.double(), t, cond.double(), **kwargs).sample
+                assert_float32_far(unet(x, t, cond).sample, *scaled, times=FAR, what="LoRA scale 1 against 0.9")
+        check(out, oracle(uniform(9, 3)[i], x, t, encoder_hidden_states=cond, **kwargs), f"step {i}")
         x = x - 0.1 * out
     assert fast.history == (uniform(9, 3),) and len(exports) == 1
     assert all(m.scaling == {"default": 1.0} for m in unet.modules() if isinstance(getattr(m, "scaling", None), dict))

@@ -8,6 +8,7 @@ cached nowhere), hence the module-scoped fixture and the compile marker.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -23,14 +24,14 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 import dcfx
 from dcfx.aot import load_package, package, read_manifest
-from _tiny_unet import CROSS_DIM, LATENT, TOKENS, tiny_unet, tiny_vae
+from _tiny_unet import CROSS_DIM, LATENT, TOKENS, float32_noise, tiny_unet, tiny_vae
+from _tolerance import as_float64, assert_float32_close, float64_copy
 
 pytestmark = pytest.mark.compile
 
 INTERVAL = 3
-# Compiled vs eager graphs over up to 7 denoising steps (guidance 3 scales the differences;
-# latents reach about 3).
-TOL = dict(rtol=1e-4, atol=1e-4)
+# Compiled graphs against the uncompiled ones: float32 against their float64 run
+# (tests/_tolerance.py), over up to 7 denoising steps.
 
 
 def make_pipe(unet):
@@ -53,14 +54,22 @@ def embeds():
     return torch.randn(1, TOKENS, CROSS_DIM, generator=g), torch.randn(1, TOKENS, CROSS_DIM, generator=g)
 
 
-def generate(pipe, steps):
-    prompt, negative = embeds()
-    with torch.no_grad():
+def generate(pipe, steps, dtype=torch.float32):
+    """The pipeline's latents; a pipeline of float64 components gets float64 embeddings and the
+    float32 run's noise."""
+    prompt, negative = (e.to(dtype) for e in embeds())
+    with torch.no_grad(), float32_noise() if dtype == torch.float64 else contextlib.nullcontext():
         return pipe(
             prompt_embeds=prompt, negative_prompt_embeds=negative, num_inference_steps=steps,
             guidance_scale=3.0, height=LATENT, width=LATENT, output_type="latent",
             generator=torch.Generator().manual_seed(0),
         ).images
+
+
+def make_pipe64(unet64):
+    pipe = make_pipe(unet64)
+    pipe.vae.double()
+    return pipe
 
 
 def loop(unet, call, steps):
@@ -79,6 +88,11 @@ def loop(unet, call, steps):
 @pytest.fixture(scope="module")
 def unet():
     return tiny_unet(seed=0)
+
+
+@pytest.fixture(scope="module")
+def unet64(unet):
+    return float64_copy(unet)
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +127,7 @@ def loaded(packaged):
 # Runs in a fresh interpreter: load the package, run a loop with begin(n) and two pipeline
 # generations (automatic boundaries), with torch.export and torch.compile made to fail.
 FRESH_PROCESS = """
+import os
 import sys
 import torch
 
@@ -120,7 +135,7 @@ def forbidden(*args, **kwargs):
     raise AssertionError("a loaded package exported or compiled")
 
 torch.export.export = torch.compile = forbidden
-torch.set_num_threads(1)
+torch.set_num_threads(int(os.environ.get("DCFX_TEST_THREADS", "1")))  # as tests/conftest.py
 from test_package import generate, loop, make_pipe
 from dcfx.aot import load_package
 
@@ -138,7 +153,7 @@ torch.save(dict(
 """
 
 
-def test_fresh_process_runs_the_package_like_uncompiled_dcfx(unet, pipeline_call, packaged, tmp_path):
+def test_fresh_process_runs_the_package_like_uncompiled_dcfx(unet, unet64, pipeline_call, packaged, tmp_path):
     torch.save(pipeline_call, tmp_path / "call.pt")
     tests = Path(__file__).parent
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]))
@@ -149,14 +164,17 @@ def test_fresh_process_runs_the_package_like_uncompiled_dcfx(unet, pipeline_call
     assert done.returncode == 0, done.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt")
 
-    reference = dcfx.optimize(unet, interval=INTERVAL)
-    reference.begin(7)
-    torch.testing.assert_close(got["loop"], loop(reference, pipeline_call, 7), **TOL)
+    references = {}
+    for u, call in ((unet, pipeline_call), (unet64, as_float64(pipeline_call))):
+        reference = dcfx.optimize(u, interval=INTERVAL)
+        reference.begin(7)
+        references[u.dtype] = loop(reference, call, 7)
+    assert_float32_close(got["loop"], references[torch.float32], references[torch.float64], what="loop")
     assert got["loop_history"] == ("FSSFSSF",)
-    pipe = make_pipe(unet)
-    pipe.unet = dcfx.optimize(unet, interval=INTERVAL)
-    torch.testing.assert_close(got["pipe"][0], generate(pipe, 7), **TOL)
-    torch.testing.assert_close(got["pipe"][1], generate(pipe, 5), **TOL)
+    pipe = make_pipe(dcfx.optimize(unet, interval=INTERVAL))
+    pipe64 = make_pipe64(dcfx.optimize(unet64, interval=INTERVAL))
+    for got_pipe, steps in zip(got["pipe"], (7, 5)):
+        assert_float32_close(got_pipe, generate(pipe, steps), generate(pipe64, steps, torch.float64), what=f"pipeline, {steps} steps")
     assert got["pipe_history"] == ("FSSFSSF", "FSSFS")
     assert got["in_channels"] == 4 and got["dtype"] == torch.float32 and got["device"] == torch.device("cpu")
     assert got["parameters"] == list(inspect.signature(unet.forward).parameters)
@@ -232,13 +250,14 @@ def test_package_checks_its_arguments(unet, pipeline_call, tmp_path):
         package(dcfx.optimize(unet), tmp_path / "x.zip", *args, **kwargs)
 
 
-def test_enable_and_optimize_keep_the_packaged_graphs(packaged, unet):
+def test_enable_and_optimize_keep_the_packaged_graphs(packaged, unet, unet64):
     fast = load_package(packaged)
     pipe = make_pipe(fast)
     dcfx.enable(pipe, interval=2)
-    reference = make_pipe(unet)
+    reference, reference64 = make_pipe(unet), make_pipe64(unet64)
     dcfx.enable(reference, interval=2)
-    torch.testing.assert_close(generate(pipe, 5), generate(reference, 5), **TOL)
+    dcfx.enable(reference64, interval=2)
+    assert_float32_close(generate(pipe, 5), generate(reference, 5), generate(reference64, 5, torch.float64))
     assert pipe.unet.history == ("FSFSF",)
     with pytest.raises(ValueError, match="holds the graphs of branch 0"):
         dcfx.optimize(fast, branch=1)

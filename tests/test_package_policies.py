@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _tiny_unet import CROSS_DIM, LATENT, TOKENS, tiny_unet
+from _tolerance import assert_float32_close, float64_copy
 from diffusers import DDIMScheduler
 
 import dcfx
@@ -40,9 +41,10 @@ def test_an_adaptive_forecast_package_runs_like_uncompiled_dcfx(tmp_path):
     loaded = load_package(path)
     reference = dcfx.optimize(unet, CONFIG)
     expected = generation(reference, x0, e)
+    reference64 = dcfx.optimize(float64_copy(unet), CONFIG)  # the uncompiled graphs in float64
+    expected64 = generation(reference64, x0.double(), e.double())
     got = generation(loaded, x0, e)
-    assert loaded.history == reference.history and "S" in loaded.history[0]
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert loaded.history == reference.history == reference64.history and "S" in loaded.history[0]
+    assert_float32_close(got, expected, expected64, what="AOT package against uncompiled dcfx")
     with pytest.raises(ValueError, match="holds the graphs of a policy with head=True, forecast=1"):
         dcfx.optimize(loaded, interval=3, branch=1)

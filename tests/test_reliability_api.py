@@ -41,6 +41,7 @@ from torch import nn
 import dcfx
 from dcfx import DeepCacheConfig, DeepCacheUNet
 from _tiny_unet import CROSS_DIM, LATENT, TOKENS, tiny_unet, tiny_vae
+from _tolerance import assert_float32_close, float64_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -175,8 +176,8 @@ def test_numpy_timesteps_work_like_python_numbers(unet):
         assert outs["numpy history"] == outs["python history"] and "S" in outs["numpy history"][0]
         for a, b in zip(outs["numpy"], outs["python"]):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
-        with torch.no_grad():  # step 0 is full: the plain U-Net's output for the Python number
-            torch.testing.assert_close(outs["numpy"][0], unet(x, python_steps[0], ehs).sample, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():  # step 0 is full: the plain U-Net's output for the Python number, its own ops
+            torch.testing.assert_close(outs["numpy"][0], unet(x, python_steps[0], ehs).sample, rtol=0, atol=0)
 
 
 # -- item 8: clear errors -------------------------------------------------------------------
@@ -213,8 +214,8 @@ def test_arguments_the_unet_rejects_raise_its_own_error(unet, make_args):
     assert frames <= len(traceback.extract_tb(plain.value.__traceback__)) + 12, frames
     assert not logged, [r.getMessage() for r in logged]
     fast.begin()
-    with torch.no_grad():  # the wrapper still works for a valid call
-        torch.testing.assert_close(fast(x, 500, ehs).sample, unet(x, 500, ehs).sample, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the wrapper still works for a valid call: a full step, the U-Net's own ops
+        torch.testing.assert_close(fast(x, 500, ehs).sample, unet(x, 500, ehs).sample, rtol=0, atol=0)
 
 
 def test_a_misspelled_keyword_is_named(unet):
@@ -313,10 +314,10 @@ def recipe_unet(device: str) -> UNet2DConditionModel:
     return tiny_unet(seed=0).to(device)
 
 
-def run_recipe(recipe: str, kind: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The recipe's final latents, and the same sampling loop run eagerly by dcfx. On a CPU
-    `dcfx.cuda_graphs` runs the same steps uncaptured, each graph's outputs static as in a
-    replay (so a missing `.clone()` shows)."""
+def run_recipe(recipe: str, kind: str, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The recipe's final latents, and the same sampling loop run eagerly by dcfx (float32 and
+    float64). On a CPU `dcfx.cuda_graphs` runs the same steps uncaptured, each graph's outputs
+    static as in a replay (so a missing `.clone()` shows)."""
     unet = recipe_unet(device)
     latents, text = (t.to(device) for t in inputs(batch=2, seed=3))
     scheduler = RECIPE_SCHEDULERS[kind]()
@@ -324,24 +325,36 @@ def run_recipe(recipe: str, kind: str, device: str) -> tuple[torch.Tensor, torch
     namespace = dict(unet=unet, scheduler=scheduler, latents=latents, text=text, torch=torch, dcfx=dcfx)
     exec(compile(recipe, str(RECIPE_PAGE.relative_to(ROOT)), "exec"), namespace)
 
-    # What the replayed graphs must compute: the same schedule, run without graphs.
+    # What the replayed graphs must compute: the same schedule, run without graphs, in float32
+    # and in float64 (tests/_tolerance.py).
+    expected = [eager_loop(u, kind, device, latents, text) for u in (unet, recipe_unet64(device))]
+    return namespace["latents"], *expected
+
+
+@functools.lru_cache(maxsize=None)
+def recipe_unet64(device: str) -> UNet2DConditionModel:
+    return float64_copy(recipe_unet(device))
+
+
+def eager_loop(unet, kind: str, device: str, latents: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """The recipe's sampling loop on dcfx run eagerly, in `unet`'s dtype."""
     reference = dcfx.optimize(unet, interval=3, branch=0)
     scheduler = RECIPE_SCHEDULERS[kind]()
     scheduler.set_timesteps(8, device=device)
-    expected = latents * scheduler.init_noise_sigma
+    expected = latents.to(unet.dtype) * scheduler.init_noise_sigma
+    text = text.to(unet.dtype)
     reference.begin(len(scheduler.timesteps))
     with torch.no_grad():
         for t in scheduler.timesteps:
             eps = reference(scheduler.scale_model_input(expected, t), t, text).sample
             expected = scheduler.step(eps, t, expected).prev_sample
     assert "S" in reference.history[-1]
-    return namespace["latents"], expected
+    return expected
 
 
 def assert_recipe_matches(recipe: str, kind: str, device: str) -> None:
-    got, expected = run_recipe(recipe, kind, device)
-    err = ((got - expected).norm() / expected.norm()).item()
-    assert err < 1e-5, f"the recipe's latents are {err:.1e} away from the eager loop's"
+    got, expected, expected64 = run_recipe(recipe, kind, device)
+    assert_float32_close(got, expected, expected64, what="the recipe's latents (too far away from the eager loop's)")
 
 
 @pytest.mark.parametrize("kind", sorted(RECIPE_SCHEDULERS))

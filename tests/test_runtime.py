@@ -1,8 +1,9 @@
 """DeepCacheUNet on a tiny random U-Net: bad inputs, safety of the cache, call forms, schedules,
 and `dcfx.report`.
 
-Every output is checked against the plain U-Net: full steps against a plain call, shallow steps
-against `ManualDeepCache` (the plain U-Net with the cached hidden state swapped in by a hook).
+Every output is checked against the plain U-Net: full steps bit for bit against a plain call,
+shallow steps against `ReferenceDeepCache` (the plain U-Net with the cached hidden state swapped
+in by a hook, run in float32 and float64: tests/_tolerance.py).
 The export of the tiny U-Net takes a few seconds per input signature and is shared by all
 wrappers of the same U-Net object, so the tests reuse one module-scoped U-Net and one
 signature (batch 2, 8x8 latents, integer timesteps) wherever the test allows.
@@ -10,6 +11,7 @@ signature (batch 2, 8x8 latents, integer timesteps) wherever the test allows.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -22,10 +24,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dcfx
 from dcfx import DeepCacheConfig, DeepCacheUNet
-from _tiny_unet import CROSS_DIM, LATENT, NUM_SKIPS, TOKENS, ManualDeepCache, pattern_of, tiny_unet, uniform
+from _tiny_unet import (
+    CROSS_DIM, LATENT, NUM_SKIPS, TOKENS, ReferenceDeepCache, pattern_of, tiny_unet, uniform,
+)
+from _tolerance import assert_float32_close, assert_float32_far, assert_float64_close
 
-FULL_TOL = dict(rtol=0, atol=1e-6)  # the full graph runs the U-Net's own ops
-SHALLOW_TOL = dict(rtol=1e-5, atol=1e-5)  # the fused cut normalises in another order
+# A full step runs the exported U-Net, its own ops in their order: bit for bit the plain call.
+EXACT = dict(rtol=0, atol=0)
+# A shallow step (the fused cut normalises in another order) against the float64 reference;
+# one that reused nothing would be more than FAR such bounds away.
+FAR = 100
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +59,13 @@ def run(fast, x, t, e, **kwargs):
 
 
 def check_step(out, oracle, mode, x, t, e, **kwargs):
-    expected = oracle(mode, x, t, encoder_hidden_states=e, **kwargs).sample
-    torch.testing.assert_close(out, expected, **(FULL_TOL if mode == "F" else SHALLOW_TOL))
+    """`out` against a `ReferenceDeepCache` step; gives the float32 and float64 references."""
+    expected32, expected64 = oracle(mode, x, t, encoder_hidden_states=e, **kwargs)
+    if mode == "F":
+        torch.testing.assert_close(out, expected32, **EXACT)
+    else:
+        assert_float32_close(out, expected32, expected64, what=f"shallow step at t={t}")
+    return expected32, expected64
 
 
 # -- configuration errors -------------------------------------------------------------------
@@ -153,7 +166,7 @@ def test_branch_out_of_range_fails_at_first_call_naming_the_range(unet, inputs):
         run(fast, x, 900, e)
     # the failure left nothing behind for other wrappers of the same U-Net
     ok = dcfx.optimize(unet, interval=2, branch=NUM_SKIPS - 1)
-    oracle = ManualDeepCache(unet, NUM_SKIPS - 1)
+    oracle = ReferenceDeepCache(unet, NUM_SKIPS - 1)
     for t, mode in zip((900, 800), "FS"):
         check_step(run(ok, x, t, e), oracle, mode, x, t, e)
 
@@ -194,21 +207,21 @@ def test_each_branch_matches_manual_deepcache(unet, inputs, branch, fuse_cut):
     x, e = inputs
     fast = dcfx.optimize(unet, interval=3, branch=branch, fuse_cut=fuse_cut)
     plain_outputs = []
-    oracle = ManualDeepCache(unet, branch)
+    oracle = ReferenceDeepCache(unet, branch)
     for i, t in enumerate((900, 800, 700, 600, 500)):
         xt = x + 0.1 * i  # the sample changes between steps, as in a real loop
         out = run(fast, xt, t, e)
-        check_step(out, oracle, uniform(5, 3)[i], xt, t, e)
+        expected = check_step(out, oracle, uniform(5, 3)[i], xt, t, e)
         with torch.no_grad():  # not through the oracle: an "F" call would refresh its cache
-            plain_outputs.append((out, unet(xt, t, encoder_hidden_states=e).sample))
+            plain_outputs.append((expected, unet(xt, t, encoder_hidden_states=e).sample))
     assert fast.history == ("FSSFS",)
     (entry,) = fast.runtime.entries.current.values()
     # the cut's concatenation (read by GroupNorm+SiLU and the 1x1 shortcut) is fused, or not
     assert entry.shallow.graph.meta.get("dcfx_fused", 0) == (1 if fuse_cut else 0)
     # the shallow steps really used the cache: they differ from the plain U-Net
     for i in (1, 2, 4):
-        out, plain = plain_outputs[i]
-        assert (out - plain).abs().max() > 1e-3
+        (expected32, expected64), plain = plain_outputs[i]
+        assert_float32_far(plain, expected32, expected64, times=FAR, what=f"plain step {i}")
 
 
 # -- input signatures -----------------------------------------------------------------------
@@ -233,7 +246,7 @@ def test_new_shape_mid_generation_gets_its_own_fresh_cache(unet):
         (a, 750, "S"),
         (c, 650, "S"),  # c's cache from step 0 of this generation
     ]
-    oracle = ManualDeepCache(unet, 0)
+    oracle = ReferenceDeepCache(unet, 0)
     for (x, e), t, mode in plan:
         check_step(run(fast, x, t, e), oracle, mode, x, t, e)
     assert fast.history == ("FSFSSF", "FFSS")
@@ -244,19 +257,23 @@ def test_moving_to_float64_after_use_recaptures_and_stays_correct():
     fast = dcfx.optimize(own, interval=4, branch=1)
     x32, e32 = make_inputs(seed=4)
     x64, e64 = x32.double(), e32.double()
-    oracle = ManualDeepCache(own, 1)
+    oracle = ReferenceDeepCache(own, 1)
     for t, mode in zip((900, 800), "FS"):
         check_step(run(fast, x32, t, e32), oracle, mode, x32, t, e32)
     # mid-generation: the float32 cache must not be used for float64 inputs
+    own32 = copy.deepcopy(own)  # its float32 run measures the error the float64 bound scales
     fast.to(torch.float64)
     assert fast.dtype == torch.float64 and own.dtype == torch.float64
     outs = [run(fast, x64, t, e64) for t in (700, 600, 500)]
     assert all(o.dtype == torch.float64 for o in outs)
     assert fast.history == ("FSFSF",)
-    oracle = ManualDeepCache(own, 1)
+    oracle = ReferenceDeepCache(own32, 1)
     for out, t, mode in zip(outs, (700, 600, 500), "FSF"):
-        expected = oracle(mode, x64, t, encoder_hidden_states=e64).sample
-        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+        expected32, expected64 = oracle(mode, x32, t, encoder_hidden_states=e32)
+        if mode == "F":
+            torch.testing.assert_close(out, expected64, **EXACT)
+        else:
+            assert_float64_close(out, expected32, expected64, what=f"float64 shallow step at t={t}")
     # the graphs now in use hold the U-Net's own (float64) parameters
     params = {id(p) for p in own.parameters()}
     for entry in fast.runtime.entries.current.values():
@@ -275,7 +292,7 @@ def test_replaced_parameters_are_seen_at_the_next_generation(inputs):
     own.conv_out.weight = nn.Parameter(own.conv_out.weight.detach() * -2.0)
     with torch.no_grad():
         expected = own(x, 900, encoder_hidden_states=e).sample
-    torch.testing.assert_close(run(fast, x, 900, e), expected, **FULL_TOL)
+    torch.testing.assert_close(run(fast, x, 900, e), expected, **EXACT)
     assert fast.history == ("FS", "F")
 
 
@@ -348,7 +365,7 @@ def test_begin_without_num_steps_lasts_until_the_next_begin(unet, inputs):
 def test_begin_mid_generation_never_reuses_the_old_cache(unet, inputs):
     x, e = inputs
     fast = dcfx.optimize(unet, interval=2)
-    oracle = ManualDeepCache(unet, 0)
+    oracle = ReferenceDeepCache(unet, 0)
     for t, mode in zip((900, 800, 700), "FSF"):
         check_step(run(fast, x, t, e), oracle, mode, x, t, e)
     fast.begin(2)
@@ -374,7 +391,7 @@ def test_repeated_one_step_generations_never_use_a_stale_cache(unet, inputs):
     # e.g. a one-step (turbo) sampler called again and again with the same timestep
     x, e = inputs
     fast = dcfx.optimize(unet, interval=2)
-    oracle = ManualDeepCache(unet, 0)
+    oracle = ReferenceDeepCache(unet, 0)
     for i in range(3):
         xi = x + i
         check_step(run(fast, xi, 999, e), oracle, "F", xi, 999, e)
@@ -420,7 +437,7 @@ def test_schedule_queries():
 def test_explicit_schedule_runs(unet, inputs):
     x, e = inputs
     fast = dcfx.optimize(unet, schedule=[0, 2, 7])
-    oracle = ManualDeepCache(unet, 0)
+    oracle = ReferenceDeepCache(unet, 0)
     for i in range(9):
         t = 900 - 100 * i
         check_step(run(fast, x, t, e), oracle, "FSFSSSSFS"[i], x, t, e)
@@ -445,7 +462,7 @@ def test_return_types(unet, inputs):
     with torch.no_grad():
         plain = unet(x, 700, e, return_dict=False)
     assert type(plain) is tuple
-    torch.testing.assert_close(full_tuple[0], plain[0], **FULL_TOL)
+    torch.testing.assert_close(full_tuple[0], plain[0], **EXACT)
 
 
 TIMESTEP_FORMS = {
@@ -461,7 +478,7 @@ TIMESTEP_FORMS = {
 def test_timestep_forms(unet, inputs, form, keyword):
     x, e = inputs
     fast = dcfx.optimize(unet, interval=2)
-    oracle = ManualDeepCache(unet, 0)
+    oracle = ReferenceDeepCache(unet, 0)
     for i, (t, mode) in enumerate(zip((900, 600, 300), "FSF")):
         ts = TIMESTEP_FORMS[form](t)
         xt = x + 0.1 * i
@@ -476,7 +493,7 @@ def test_cross_attention_scale(unet, inputs):
     x, e = inputs
     kwargs = dict(cross_attention_kwargs={"scale": 0.5})
     fast = dcfx.optimize(unet, interval=2)
-    oracle = ManualDeepCache(unet, 0)
+    oracle = ReferenceDeepCache(unet, 0)
     for t, mode in zip((900, 800, 700), "FSF"):
         check_step(run(fast, x, t, e, **kwargs), oracle, mode, x, t, e, **kwargs)
     assert fast.history == ("FSF",)
@@ -487,7 +504,7 @@ def test_arguments_passed_as_none(unet, inputs):
     x, e = inputs
     kwargs = dict(timestep_cond=None, cross_attention_kwargs=None, added_cond_kwargs=None)
     fast = dcfx.optimize(unet, interval=2)
-    oracle = ManualDeepCache(unet, 0)
+    oracle = ReferenceDeepCache(unet, 0)
     for t, mode in zip((900, 800, 700), "FSF"):
         check_step(run(fast, x, t, e, **kwargs), oracle, mode, x, t, e, **kwargs)
     assert fast.history == ("FSF",)
@@ -509,7 +526,7 @@ def test_controlnet_residuals_without_caching_equal_plain(unet, inputs):
         residuals = controlnet_residuals(2, seed=i)
         with torch.no_grad():
             expected = unet(x, t, encoder_hidden_states=e, **residuals).sample
-        torch.testing.assert_close(run(fast, x, t, e, **residuals), expected, **FULL_TOL)
+        torch.testing.assert_close(run(fast, x, t, e, **residuals), expected, **EXACT)
     assert fast.history == ("FFF",)
 
 
@@ -517,7 +534,7 @@ def test_controlnet_residuals_without_caching_equal_plain(unet, inputs):
 def test_controlnet_residuals_with_caching(unet, inputs, branch):
     x, e = inputs
     fast = dcfx.optimize(unet, interval=3, branch=branch)
-    oracle = ManualDeepCache(unet, branch)
+    oracle = ReferenceDeepCache(unet, branch)
     for i, (t, mode) in enumerate(zip((900, 800, 700, 600, 500), "FSSFS")):
         residuals = controlnet_residuals(2, seed=i)  # fresh residuals every step
         check_step(run(fast, x, t, e, **residuals), oracle, mode, x, t, e, **residuals)
@@ -633,7 +650,7 @@ def test_report_speedup_bound(full_report):
         assert (r.num_steps, r.num_full_steps) == (num_steps, num_full)
         m_f, m_s = r.full_flops, r.shallow_flops
         bound = num_steps * m_f / (num_full * m_f + (num_steps - num_full) * m_s)
-        assert r.speedup_bound == pytest.approx(bound, rel=1e-12)
+        assert r.speedup_bound == pytest.approx(bound, rel=1e-12)  # float64 arithmetic, in another order
         assert 1 < r.speedup_bound < num_steps / num_full
 
 

@@ -1,7 +1,7 @@
 """dcfx serve with an AOT package: `build_package` writes the package (its manifest is the one
 record: batch, FLOPs), and a `Service` that loads it in a fresh interpreter, where
 torch.export and torch.compile fail, starts, pads batches to the package's size and draws what
-the eager dcfx graphs draw (within compile tolerance); a deployment of another batch size or
+the eager dcfx graphs draw (within float32 rounding: tests/_tolerance.py); a deployment of another batch size or
 branch is refused by name.
 
 Building the package is one AOTInductor build of each graph (about a minute here), hence the
@@ -19,16 +19,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcfx.aot import read_manifest
-from dcfx.serve import BadRequest, Service, build_package
+pytest.importorskip("ray.serve", reason='Ray Serve is not installed (pip install "dcfx[serve]"; the test extra has it)')
+
+from dcfx.aot import read_manifest  # noqa: E402
+from _tolerance import assert_float32_close  # noqa: E402
+from dcfx.serve import BadRequest, Service, build_package  # noqa: E402
+from test_serve import float64_images  # noqa: E402
 
 pytestmark = pytest.mark.compile
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 2
 STEPS = 7
-# AOT-compiled graphs against eager ones over 7 steps, images in [0, 1].
-TOL = dict(rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,7 @@ def eager() -> Service:
 
 
 FRESH_PROCESS = """
+import os
 import sys
 import torch
 
@@ -51,7 +54,7 @@ def forbidden(*args, **kwargs):
     raise AssertionError("a replica loading a package exported or compiled")
 
 torch.export.export = torch.compile = torch._inductor.aot_compile = forbidden
-torch.set_num_threads(1)
+torch.set_num_threads(int(os.environ.get("DCFX_TEST_THREADS", "1")))  # as tests/conftest.py
 from dcfx.serve import Service
 
 path, out = sys.argv[1:]
@@ -81,8 +84,9 @@ def test_a_replica_starts_from_the_package_without_exporting_or_compiling(packag
     # FLOPs from the package's manifest are the eager graphs' count.
     [reference] = eager.run([eager.parse({"label": 6, "seed": 4, "steps": STEPS})])
     assert result["3:0"]["flops"] == reference["flops"]
+    # AOT-compiled graphs against the eager ones, and those in float64 (tests/_tolerance.py).
     images, _ = eager._generate("3:0", [6, 2], [4, 9], STEPS, 1.5, output_type="pt")
-    torch.testing.assert_close(got["images"], images, **TOL)
+    assert_float32_close(got["images"], images, float64_images("3:0", [6, 2], [4, 9], STEPS, 1.5))
 
 
 def test_the_manifest_names_what_the_package_was_built_for(packaged):
