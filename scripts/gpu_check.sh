@@ -106,7 +106,7 @@ UNET=(--interval 3 --branch 0 --no-progress)
 
 # Most valuable first: a stage cut by the budget loses only what comes after it.
 stage install 60 bash -c install_deps
-stage tests_cuda 120 "$PY" -m pytest -q -m "cuda and not compile" tests/test_kernel_cut_norm.py tests/test_cuda_reference.py tests/test_cuda_graphs.py
+stage tests_cuda 120 "$PY" -m pytest -q -m "cuda and not inductor" tests/test_kernel_cut_norm.py tests/test_cuda_reference.py tests/test_cuda_graphs.py
 # The adaptive and forecast policies: what the head split costs a full step (goal: <= 2%),
 # and SD1.5 generations under them, eager and replayed by dcfx.cuda_graphs (random weights:
 # the adaptive decisions mean nothing, their mechanics and overheads do).

@@ -39,6 +39,8 @@ from dcfx import DeepCacheConfig  # noqa: E402
 from dcfx.models import digits  # noqa: E402
 from dcfx.serve import OFF, BadRequest, Service, parse_setting  # noqa: E402
 
+pytestmark = pytest.mark.ray
+
 ROOT = Path(__file__).resolve().parent.parent
 MAX_BATCH = 2
 STEPS = 6  # N=3: FSSFSS
