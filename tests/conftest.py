@@ -1,7 +1,5 @@
-# Without a GPU, run the Triton kernels on CPU tensors through Triton's interpreter. Triton
-# reads TRITON_INTERPRET when it is first imported, so this must happen before any test module
-# imports it. With a GPU the compiled kernels run instead (set TRITON_INTERPRET=1 yourself to
-# run the interpreter tests there; the CUDA tests then skip).
+"""Settings of the test session, shared fixtures, and the order the files run in."""
+
 import json
 import os
 import subprocess
@@ -18,8 +16,17 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Without a GPU, run the Triton kernels on CPU tensors through Triton's interpreter. Triton
+# reads TRITON_INTERPRET when it is first imported, so this must happen before any test module
+# imports it. With a GPU the compiled kernels run instead (set TRITON_INTERPRET=1 yourself to
+# run the interpreter tests there; the CUDA tests then skip).
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+# No Python stack trace per traced node: torch.export and dynamo record one for every node (a
+# third of a capture's time here), as debugging text in node.meta and in the generated code,
+# and no test reads them.
+torch.fx.config.do_not_emit_stack_traces = True
 
 
 @pytest.fixture(scope="session", autouse=True)
