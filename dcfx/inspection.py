@@ -16,14 +16,12 @@ import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import fx
 
 from ._torch_private import pytree
 from .capture import UNET_PREFIX, module_path
-from .signature import describe_signature
 from .costs import GraphCost, graph_cost
 from .passes import CacheLayout
 from .passes.split import CACHE_INPUT

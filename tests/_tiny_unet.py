@@ -37,11 +37,30 @@ TINY_UNET_CONFIG = dict(
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
 )
 
+# The fewest layers that still have skip branch 1 and the fused cut: two plain blocks, no
+# attention and no mid block. Inductor compiles each kernel on its own, so a cold compile of its
+# graphs costs a fraction of the tiny U-Net's.
+SMALL_UNET_CONFIG = {
+    **TINY_UNET_CONFIG,
+    "block_out_channels": (8, 16),
+    "norm_num_groups": 4,
+    "down_block_types": ("DownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "UpBlock2D"),
+    "mid_block_type": None,
+}
+
 
 def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return UNet2DConditionModel(**TINY_UNET_CONFIG).eval()
+
+
+def small_unet(seed: int = 0) -> UNet2DConditionModel:
+    """SMALL_UNET_CONFIG with random weights (same inputs as `tiny_unet`)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return UNet2DConditionModel(**SMALL_UNET_CONFIG).eval()
 
 
 def tiny_vae(seed: int = 1) -> AutoencoderKL:
@@ -58,6 +77,23 @@ def tiny_vae(seed: int = 1) -> AutoencoderKL:
             up_block_types=("UpDecoderBlock2D",),
             sample_size=LATENT,
         ).eval()
+
+
+def tiny_digits_folder(folder, seed: int = 0):
+    """A `DigitsPipeline` folder (what `dcfx serve` and `dcfx demo` load) with random weights:
+    the digits model's shape (one channel, 16x16, ten classes, DDIM with guidance) on the tiny
+    U-Net's two blocks, so that compiling it is quick. Returns `folder`."""
+    from diffusers import DDIMScheduler
+
+    from dcfx.models.digits import DigitsPipeline, LabelEmbedding, scheduler_config
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**{**TINY_UNET_CONFIG, "in_channels": 1, "out_channels": 1, "sample_size": 16})
+        labels = LabelEmbedding(dim=CROSS_DIM)
+    pipe = DigitsPipeline(unet=unet.eval(), label_embedding=labels.eval(), scheduler=DDIMScheduler(**scheduler_config()))
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
 
 
 def skip_channels(unet: UNet2DConditionModel) -> list[int]:

@@ -1,14 +1,32 @@
+"""Settings of the test session, shared fixtures, and the order the files run in."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# Inductor compiles one kernel at a time, in the process that asks (read when inductor is
+# imported): the pytest-xdist workers keep the cores busy already, and a pool of compile workers
+# would cost each worker that compiles two more interpreter start-ups.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
 # Without a GPU, run the Triton kernels on CPU tensors through Triton's interpreter. Triton
 # reads TRITON_INTERPRET when it is first imported, so this must happen before any test module
 # imports it. With a GPU the compiled kernels run instead (set TRITON_INTERPRET=1 yourself to
 # run the interpreter tests there; the CUDA tests then skip).
-import os
-
-import pytest
-import torch
-
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+# No Python stack trace per traced node: torch.export and dynamo record one for every node (a
+# third of a capture's time here), as debugging text in node.meta and in the generated code,
+# and no test reads them.
+torch.fx.config.do_not_emit_stack_traces = True
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -31,22 +49,55 @@ def digits_judge():
     return judge()
 
 
-# The files that take longest (an AOTInductor build, an inductor compile, interpreter start-ups
-# per command, the trained model), first: pytest-xdist hands out whole files in collection
-# order (scripts/test.sh: --dist loadfile), so a long file collected last would run alone.
-SLOW_FILES_FIRST = ("test_package.py", "test_compile.py", "test_cli.py", "test_models.py", "test_compile_orders.py",
-                    "test_serve_package.py")
+# What `import dcfx` and the CLI load, seen in a fresh interpreter (this one has imported far
+# more): module names after each of these steps, in order.
+IMPORT_STEPS = {
+    "import dcfx": "import dcfx; dcfx.optimize, dcfx.report, dcfx.package",
+    "import dcfx.cli": "import dcfx.cli",
+    "the serve parser": "dcfx.cli.parser('serve')",
+    "the demo command": "dcfx.cli.command('demo')",
+}
+
+
+@pytest.fixture(scope="session")
+def modules_after(tmp_path_factory):
+    """{step of IMPORT_STEPS: the modules loaded after it}, from one fresh interpreter per test
+    run (`python -P` in the checkout root), shared by test_imports.py and test_cli.py."""
+    from _shared import built_once
+
+    probe = "import json, sys\nafter = {}\n" + "".join(
+        f"{code}\nafter[{step!r}] = sorted(sys.modules)\n" for step, code in IMPORT_STEPS.items()
+    ) + "print(json.dumps(after))\n"
+
+    def run(folder):
+        out = subprocess.run([sys.executable, "-P", "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        (folder / "modules.json").write_text(out.stdout)
+
+    return json.loads((built_once(tmp_path_factory, "modules-after", probe, run) / "modules.json").read_text())
+
+
+# pytest-xdist (scripts/test.sh: --dist loadfile --no-loadscope-reorder) hands out whole files in
+# collection order, a worker taking its next file while its last tests run: the files with the
+# slowest kinds of test go first, so that no long file starts last and runs alone.
+SLOWEST_KINDS_FIRST = ("aot", "inductor", "subprocess", "trained")
 # The Ray tests last: their server, replica and study tasks are a dozen processes that start
 # Python, torch and diffusers, so they are the tests a busy neighbour slows most; at the end the
 # other worker runs a short file or none (an AOTInductor build beside them doubled their time).
-LAST = "test_serve.py"
+LAST = "ray"
 
 
 def pytest_collection_modifyitems(items):
-    def rank(item):
-        name = item.path.name
-        if name == LAST:
-            return len(SLOW_FILES_FIRST) + 1
-        return SLOW_FILES_FIRST.index(name) if name in SLOW_FILES_FIRST else len(SLOW_FILES_FIRST)
+    def kind(item):
+        if item.get_closest_marker("cuda") and not torch.cuda.is_available():
+            return len(SLOWEST_KINDS_FIRST)  # skipped: takes no time
+        if item.get_closest_marker(LAST):
+            return len(SLOWEST_KINDS_FIRST) + 1
+        return next((i for i, m in enumerate(SLOWEST_KINDS_FIRST) if item.get_closest_marker(m)), len(SLOWEST_KINDS_FIRST))
 
-    items.sort(key=rank)  # stable: the order within a file stays
+    kinds: dict = {}
+    for item in items:
+        kinds.setdefault(item.path, set()).add(kind(item))
+    last = len(SLOWEST_KINDS_FIRST) + 1  # a file ranks by its slowest kind; Ray's anywhere puts it last
+    rank = {path: last if last in ks else min(ks) for path, ks in kinds.items()}
+    items.sort(key=lambda item: rank[item.path])  # stable: the order within a file stays

@@ -1,6 +1,6 @@
-"""The `dcfx` console script: one subprocess run per command (`python -m dcfx ...`, as a person
-types it), everything else in-process through `dcfx.cli.main` (same code, no interpreter
-start-up per case), and `import dcfx` staying free of the CLI.
+"""The `dcfx` console script: one subprocess run (`python -m dcfx graphs`, as a person types
+it), every command through `dcfx.cli.main` in-process (same code, no interpreter start-up per
+case), and `import dcfx` staying free of the CLI.
 """
 
 from __future__ import annotations
@@ -31,6 +31,13 @@ def _dcfx(*args: str, cwd) -> str:
     return out.stdout
 
 
+def _in(cwd, monkeypatch, capsys, *args: str) -> str:
+    """`dcfx ARGS` in-process in `cwd`; its stdout (it must succeed)."""
+    monkeypatch.chdir(cwd)
+    assert main(list(args)) == 0
+    return capsys.readouterr().out
+
+
 def _error(capsys) -> str:
     """The one line a command prints for bad input."""
     err = capsys.readouterr().err
@@ -52,21 +59,12 @@ def model_folder(tmp_path_factory):
 NOT_BY_IMPORT_DCFX = ("dcfx.cli", "dcfx.models", "sklearn", "matplotlib", "ray", "tqdm.auto")
 
 
-def test_import_dcfx_loads_no_cli_demo_training_or_plotting_code():
-    # In a fresh interpreter: what `import dcfx` (and touching its API) loaded, what the parser
-    # of `dcfx serve` adds (not the demo's model), then what the demo's command adds, which
-    # shows the check sees these modules where they are loaded.
-    probe = (
-        "import json, sys\n"
-        "import dcfx; dcfx.optimize, dcfx.report, dcfx.package\n"
-        "after_dcfx = sorted(sys.modules)\n"
-        "import dcfx.cli; dcfx.cli.parser('serve')\n"
-        "after_serve = sorted(sys.modules)\n"
-        "dcfx.cli.command('demo')\n"
-        "print(json.dumps([after_dcfx, after_serve, sorted(sys.modules)]))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
-    after_dcfx, after_serve, after_demo = json.loads(out.stdout)
+@pytest.mark.subprocess
+def test_import_dcfx_loads_no_cli_demo_training_or_plotting_code(modules_after):
+    # In a fresh interpreter (tests/conftest.py): what `import dcfx` (and touching its API)
+    # loaded, what the parser of `dcfx serve` adds (not the demo's model), then what the demo's
+    # command adds, which shows the check sees these modules where they are loaded.
+    after_dcfx, after_serve, after_demo = (modules_after[s] for s in ("import dcfx", "the serve parser", "the demo command"))
 
     def for_commands_only(modules: list[str]) -> list[str]:
         return [m for m in modules if any(m == p or m.startswith(p + ".") for p in NOT_BY_IMPORT_DCFX)]
@@ -76,7 +74,7 @@ def test_import_dcfx_loads_no_cli_demo_training_or_plotting_code():
     assert {"dcfx.cli.demo", "dcfx.models.compare"} <= set(for_commands_only(after_demo))
 
 
-# -- one subprocess per command ---------------------------------------------------------------
+# -- each command as a person runs it: its default outputs land in the current folder ----------
 
 
 def test_commands_are_listed_in_help_order():
@@ -88,29 +86,31 @@ def test_commands_are_listed_in_help_order():
         command("serv")
 
 
-def test_demo_command_runs(tmp_path):
-    out = _dcfx("demo", "--samples", "4", "--steps", "4", "--settings", "2:0", "--no-matched",
-                "--out", "grid.png", cwd=tmp_path)
+@pytest.mark.trained
+def test_demo_command_runs(tmp_path, monkeypatch, capsys):
+    out = _in(tmp_path, monkeypatch, capsys, "demo", "--samples", "4", "--steps", "4", "--settings", "2:0",
+              "--no-matched", "--out", "grid.png")
     assert "accuracy" in out and "dcfx N=2 b=0" in out and "wrote" in out
     with Image.open(tmp_path / "grid.png") as im:
         assert im.info.get("Software") == "dcfx demo"
 
 
-def test_example_command_prints_the_step_sequence_flops_and_times(tmp_path):
-    out = _dcfx("example", "--size", "tiny", "--steps", "6", "--repeats", "1", cwd=tmp_path)
+def test_example_command_prints_the_step_sequence_flops_and_times(tmp_path, monkeypatch, capsys):
+    out = _in(tmp_path, monkeypatch, capsys, "example", "--size", "tiny", "--steps", "6", "--repeats", "1")
     assert "dcfx report" in out and "GFLOPs" in out
     steps = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit() and len(line.split()) == 5]
     assert [s[2] for s in steps] == ["full", "shallow", "shallow", "full", "shallow", "shallow"]
     assert "x);" in out  # the speedup ratio
 
 
-def test_profile_command_runs(tmp_path):
-    out = _dcfx("profile", "--size", "tiny", *TINY, "--steps", "2", "--interval", "2", "--device", "cpu",
-                "--top", "3", cwd=tmp_path)
+def test_profile_command_runs(tmp_path, monkeypatch, capsys):
+    out = _in(tmp_path, monkeypatch, capsys, "profile", "--size", "tiny", *TINY, "--steps", "2", "--interval", "2",
+              "--device", "cpu", "--top", "3")
     assert "shallow/full step time" in out
     assert json.loads((tmp_path / "dcfx-trace.json").read_text())["otherData"]["steps"] == "FS"
 
 
+@pytest.mark.subprocess
 def test_graphs_command_runs(tmp_path):
     out = _dcfx("graphs", "--size", "tiny", *TINY, cwd=tmp_path)
     assert "dcfx cut at branch 0" in out
@@ -126,6 +126,7 @@ def test_no_command_prints_the_commands(capsys):
     assert all(name in out for name in COMMANDS)
 
 
+@pytest.mark.trained
 def test_demo_prints_the_table_and_writes_the_grid(tmp_path, capsys, digits_judge):
     grid = tmp_path / "grid.png"
     assert main(["demo", "--samples", "10", "--steps", "6", "--settings", "3:0", "--out", str(grid), "--threads", "1"]) == 0

@@ -1,11 +1,12 @@
-"""torch.compile (inductor) of the full and the shallow graph (one test: a cold compile costs
-~1 min here). The other ways of writing the compile reuse the same compiled graphs through
-inductor's FX graph cache; test_compile_orders.py checks them with a cheap backend."""
+"""torch.compile (inductor) of the full and the shallow graph, of the smallest U-Net with the cut
+(one test: a cold compile costs most of a minute here, a compile of each kernel). The other ways
+of writing the compile reuse the same compiled graphs through inductor's FX graph cache;
+test_compile_orders.py checks them with a cheap backend."""
 
 import pytest
 import torch
 import torch._dynamo
-from _tiny_unet import tiny_unet
+from _tiny_unet import small_unet
 from _tolerance import assert_float32_close, float64_copy
 from diffusers import DDIMScheduler
 
@@ -13,9 +14,9 @@ import dcfx
 from dcfx.passes.fuse import FUSED_OP
 
 
-@pytest.mark.compile
+@pytest.mark.inductor
 def test_compiled_graphs_equal_eager_and_never_recompile():
-    unet = tiny_unet(seed=0)
+    unet = small_unet(seed=0)
     compiled = dcfx.optimize(unet, interval=3, branch=1, compile=True)
     eager = dcfx.optimize(unet, interval=3, branch=1)
     eager64 = dcfx.optimize(float64_copy(unet), interval=3, branch=1)  # the reference's float64 run

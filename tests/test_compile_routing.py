@@ -7,7 +7,8 @@ B: the setting is the calling thread's own: two threads, one under a torch.compi
 and one not, each get their own route, and the results each gets alone.
 
 Every graph dcfx hands to torch.compile goes to a recording dynamo backend here (the
-`compiled` fixture stands in for inductor), so these tests never run inductor. Results are
+`compiled` fixture stands in for inductor), so these tests never run inductor, and dynamo
+traces the smallest U-Net with the cut. Results are
 checked against `ReferenceDeepCache`, DeepCache done by hand on the plain U-Net (in float32
 and float64).
 """
@@ -19,7 +20,7 @@ import warnings
 
 import pytest
 import torch
-from _tiny_unet import CROSS_DIM, LATENT, TOKENS, ReferenceDeepCache, tiny_unet, uniform
+from _tiny_unet import CROSS_DIM, LATENT, TOKENS, ReferenceDeepCache, small_unet, uniform
 from _tolerance import assert_float32_close
 from test_compile_orders import Recorder
 
@@ -47,7 +48,7 @@ def compiled(monkeypatch):
 
 @pytest.fixture(scope="module")
 def unet():
-    return tiny_unet(seed=0)
+    return small_unet(seed=0)
 
 
 def inputs(seed=0):
@@ -105,7 +106,7 @@ def build(way: str, unet):
     """A dcfx U-Net (or a module around one) for one way of disabling compilation, each over
     a config that asks for compile=True."""
     if way == "unet.compile(disable=True)":
-        own = tiny_unet(seed=0)  # compiling marks the module: its own copy
+        own = small_unet(seed=0)  # compiling marks the module: its own copy
         own.compile(disable=True)
         return dcfx.optimize(own, interval=INTERVAL, compile=True)
     if way == "fast.compile(disable=True)":
@@ -158,7 +159,7 @@ def test_torchdynamo_disable_compiles_nothing(unet, compiled, monkeypatch, way):
         elif way == "torch.compile(fast)":
             model = torch.compile(dcfx.optimize(unet, interval=INTERVAL), backend=own)
         else:
-            plain = tiny_unet(seed=0)
+            plain = small_unet(seed=0)
             plain.compile(backend=own)
             model = dcfx.optimize(plain, interval=INTERVAL)
         outputs = generation(model, x, e)
@@ -182,7 +183,7 @@ def _in_thread(target, results, key):
 
 @pytest.mark.parametrize("other", ["torch.compiler.disable wrapper", "no wrapper"])
 def test_two_threads_each_take_their_own_compile_route(compiled, other):
-    unet_a, unet_b = tiny_unet(seed=0), tiny_unet(seed=1)
+    unet_a, unet_b = small_unet(seed=0), small_unet(seed=1)
     (xa, ea), (xb, eb) = inputs(seed=0), inputs(seed=1)
     expected_a, expected_b = expected(unet_a, xa, ea), expected(unet_b, xb, eb)
 

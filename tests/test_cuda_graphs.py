@@ -107,7 +107,7 @@ def test_cuda_graph_replay_by_policy(policy):
 
 
 @pytest.mark.cuda
-@pytest.mark.compile
+@pytest.mark.inductor
 @needs_cuda
 @pytest.mark.parametrize("policy", ["uniform", "cut"])
 def test_cuda_graph_replay_by_policy_compiled(policy):

@@ -193,7 +193,7 @@ def test_fp16_matches_reference_cuda(model, name, kind, interval, branch, kernel
 
 
 @pytest.mark.cuda
-@pytest.mark.compile
+@pytest.mark.inductor
 @needs_cuda
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 def test_compiled_fp16_matches_reference_cuda(model, mode):

@@ -38,6 +38,7 @@ def anchors(page: Path) -> set[str]:
     return {slugify(h.replace("`", ""), "-") for h in re.findall(r"^#+\s+(.*?)\s*$", text, re.M)}
 
 
+@pytest.mark.subprocess
 def test_the_docs_site_builds_strict(tmp_path):
     pytest.importorskip("mkdocs", reason='MkDocs is not installed (pip install "dcfx[docs]"; the test extra has it)')
     pytest.importorskip("mkdocstrings", reason='mkdocstrings is not installed (pip install "dcfx[docs]")')

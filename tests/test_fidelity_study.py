@@ -100,6 +100,7 @@ def serial(tmp_path_factory):
     return study, folder
 
 
+@pytest.mark.trained
 def test_serial_run_resumes_from_finished_tasks(serial, tmp_path, monkeypatch):
     study, folder = serial
     shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
@@ -131,6 +132,7 @@ class _Judge:
         return float(images.mean())
 
 
+@pytest.mark.trained
 def test_cli_writes_tables_and_csv_and_resumes(tmp_path, monkeypatch, capsys):
     import dcfx.models.quality as quality
 
@@ -180,6 +182,7 @@ def test_ddim50_grid_matches_plain_ddim_at_the_same_cost():
     assert all(m.scheduler == "ddim" and m.steps <= 50 for m in rows)
 
 
+@pytest.mark.trained
 def test_shallow_fractions_grow_with_the_branch():
     f = analysis.shallow_fractions(None, [0, 1, 3], 1.5)
     assert 0 < f[0] < f[1] < f[3] < 1

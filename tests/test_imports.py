@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_import_dcfx_and_its_cli_do_not_import_ray():
-    # A fresh interpreter: this one may have imported Ray already.
-    code = "import sys, dcfx, dcfx.cli; print([m for m in ('ray', 'dcfx.serve') if m in sys.modules])"
-    out = subprocess.run([sys.executable, "-P", "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
+@pytest.mark.subprocess
+def test_import_dcfx_and_its_cli_do_not_import_ray(modules_after):
+    # A fresh interpreter's (tests/conftest.py): this one may have imported Ray already.
+    loaded = [m for m in ("ray", "dcfx.serve") if m in modules_after["import dcfx.cli"]]
+    assert loaded == []
 
 
 def test_every_subpackage_ships_in_the_wheel():

@@ -67,7 +67,7 @@ def test_opcheck_cpu():
     torch.library.opcheck(torch.ops.dcfx.group_partial_stats.default, (args[0], 4))
 
 
-@pytest.mark.compile
+@pytest.mark.inductor
 def test_op_compiles_fullgraph_cpu():
     from torch._inductor.utils import run_and_get_code
 
@@ -110,6 +110,7 @@ def test_kill_switch_sends_the_cuda_kernels_to_pytorch(monkeypatch):
             assert torch.equal(stats, group_partial_stats_reference(cached, 4))
 
 
+@pytest.mark.subprocess
 def test_import_and_op_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
@@ -190,7 +191,7 @@ def test_inductor_ops_pass_swaps_both_ops():
 
 
 @pytest.mark.cuda
-@pytest.mark.compile
+@pytest.mark.inductor
 @needs_cuda
 @pytest.mark.parametrize(
     "n, c1, c2, h, w, groups, with_stats",
@@ -221,7 +222,7 @@ def test_inductor_compiles_the_twins_kernels_cuda(n, c1, c2, h, w, groups, with_
 
 
 @pytest.mark.cuda
-@pytest.mark.compile
+@pytest.mark.inductor
 @needs_cuda
 @pytest.mark.usefixtures("triton_enabled")
 @pytest.mark.xfail(strict=False, reason="fails on an H200 (torch 2.11, triton 3.6), cause unknown: the twins are "

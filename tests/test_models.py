@@ -49,6 +49,7 @@ def test_weights_ship_in_the_package_and_are_small():
     assert record["steps"] > 0 and record["seed"] == 0
 
 
+@pytest.mark.trained
 def test_ten_step_samples_are_the_asked_digits(pipe, digits_judge):
     images = _images(pipe)
     assert images.shape == (20, 1, 16, 16) and 0 <= images.min() and images.max() <= 1
@@ -56,6 +57,7 @@ def test_ten_step_samples_are_the_asked_digits(pipe, digits_judge):
     assert digits_judge.accuracy(images, LABELS) >= MIN_ACCURACY
 
 
+@pytest.mark.trained
 def test_pipeline_is_deterministic_and_takes_other_schedulers(pipe):
     a = pipe([1, 2], num_inference_steps=4, generator=torch.Generator().manual_seed(3), output_type="pt").images
     b = pipe([1, 2], num_inference_steps=4, generator=torch.Generator().manual_seed(3), output_type="pt").images
@@ -66,6 +68,7 @@ def test_pipeline_is_deterministic_and_takes_other_schedulers(pipe):
     assert len(pil) == 1 and pil[0].size == (16, 16)
 
 
+@pytest.mark.trained
 def test_dcfx_enable_keeps_quality(pipe, digits_judge):
     plain = _images(pipe)
     dcfx.enable(pipe, interval=3, branch=0)
@@ -104,6 +107,7 @@ def _reference(unet, scheduler, interval, branch):
             module.__dict__.pop("forward", None)
 
 
+@pytest.mark.trained
 @pytest.mark.parametrize("interval,branch", [(3, 0), (5, 2)])
 def test_dcfx_equals_reference_step_by_step_on_the_trained_model(pipe, interval, branch):
     labels = torch.tensor([0, 4, 7, 9])

@@ -9,6 +9,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -28,6 +30,7 @@ def test_the_kernels_folder_is_no_regular_package():
     assert not (ROOT / "kernels" / "__init__.py").exists(), "an __init__.py makes kernels/ shadow PyPI's kernels"
 
 
+@pytest.mark.subprocess
 def test_dcfx_diffusers_and_kernels_import_from_the_checkout_root():
     # One interpreter for both `python -c` commands of the issue (each start costs seconds):
     # dcfx, diffusers' pipelines and transformers' kernels import, and `import kernels` finds
@@ -48,11 +51,13 @@ def test_dcfx_diffusers_and_kernels_import_from_the_checkout_root():
         assert "site-packages" in path
 
 
+@pytest.mark.subprocess
 def test_dcfx_console_module_runs_from_the_checkout_root():
     out = _ok(_run("-m", "dcfx", "--help"))
     assert "demo" in out and "graphs" in out
 
 
+@pytest.mark.subprocess
 def test_pytest_collects_from_the_checkout_root():
     out = _ok(_run("-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests/test_no_shadowing.py"))
     assert "error" not in out.lower() and "test_the_kernels_folder_is_no_regular_package" in out

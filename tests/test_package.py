@@ -3,7 +3,7 @@ AOTInductor for the call a StableDiffusionPipeline makes, then loaded in a fresh
 may neither export nor compile, and run like uncompiled dcfx.
 
 Packaging is one AOTInductor build of each graph (about a minute of C++ compilation here,
-cached nowhere), hence the module-scoped fixture and the compile marker.
+cached nowhere), hence one package per test run (`_shared.built_once`) and the aot marker.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 import dcfx
 from dcfx.aot import load_package, package, read_manifest
+from _shared import built_once
 from _tiny_unet import CROSS_DIM, LATENT, TOKENS, float32_noise, tiny_unet, tiny_vae
 from _tolerance import as_float64, assert_float32_close, float64_copy
 
-pytestmark = pytest.mark.compile
+pytestmark = [pytest.mark.aot, pytest.mark.inductor]
 
 INTERVAL = 3
 # Compiled graphs against the uncompiled ones: float32 against their float64 run
@@ -114,9 +115,13 @@ def pipeline_call(unet):
 @pytest.fixture(scope="module")
 def packaged(unet, pipeline_call, tmp_path_factory) -> Path:
     args, kwargs = pipeline_call
-    path = tmp_path_factory.mktemp("package") / "tiny.pt2"
-    assert package(dcfx.optimize(unet, interval=INTERVAL), path, *args, **kwargs) == path
-    return path
+
+    def build(folder):
+        path = folder / "tiny.pt2"
+        assert package(dcfx.optimize(unet, interval=INTERVAL), path, *args, **kwargs) == path
+
+    key = f"tiny_unet(seed=0), interval {INTERVAL}, the call of a guided StableDiffusionPipeline"
+    return built_once(tmp_path_factory, "package", key, build) / "tiny.pt2"
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +158,7 @@ torch.save(dict(
 """
 
 
+@pytest.mark.subprocess
 def test_fresh_process_runs_the_package_like_uncompiled_dcfx(unet, unet64, pipeline_call, packaged, tmp_path):
     torch.save(pipeline_call, tmp_path / "call.pt")
     tests = Path(__file__).parent

@@ -1,18 +1,19 @@
 """AOT packages of the adaptive and forecast policies: the head, rest and tail graphs (and the
-forecast's extra inputs) packaged, loaded and run like uncompiled dcfx with the same config."""
+forecast's extra inputs) of the smallest U-Net with the cut packaged, loaded and run like
+uncompiled dcfx with the same config."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from _tiny_unet import CROSS_DIM, LATENT, TOKENS, tiny_unet
+from _tiny_unet import CROSS_DIM, LATENT, TOKENS, small_unet
 from _tolerance import assert_float32_close, float64_copy
 from diffusers import DDIMScheduler
 
 import dcfx
 from dcfx.aot import load_package, package, read_manifest
 
-pytestmark = pytest.mark.compile
+pytestmark = [pytest.mark.aot, pytest.mark.inductor]
 
 CONFIG = dcfx.DeepCacheConfig(branch=1, adaptive="cut", threshold=0.6, max_shallow=3, forecast=1)
 
@@ -31,7 +32,7 @@ def generation(unet, x0, e, steps=8):
 
 
 def test_an_adaptive_forecast_package_runs_like_uncompiled_dcfx(tmp_path):
-    unet = tiny_unet(seed=4)
+    unet = small_unet(seed=4)
     g = torch.Generator().manual_seed(0)
     x0, e = torch.randn(2, 4, LATENT, LATENT, generator=g), torch.randn(2, TOKENS, CROSS_DIM, generator=g)
     fast = dcfx.optimize(unet, CONFIG)

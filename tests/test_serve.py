@@ -40,8 +40,10 @@ pytest.importorskip("ray.serve", reason='Ray Serve is not installed (pip install
 
 import dcfx  # noqa: E402
 from dcfx import DeepCacheConfig  # noqa: E402
-from dcfx.models import digits  # noqa: E402
+from dcfx.models import digits, load  # noqa: E402
 from dcfx.serve import OFF, BadRequest, Service, parse_setting  # noqa: E402
+
+pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_BATCH = 2
@@ -226,11 +228,13 @@ def test_a_request_gets_defaults_and_one_seed_per_image(service):
     assert service.describe()["dcfx"] == ["3:0", OFF]
 
 
-def float64_images(setting: str, labels: list, seeds: list[int], steps: int, guidance: float) -> torch.Tensor:
+def float64_images(setting: str, labels: list, seeds: list[int], steps: int, guidance: float,
+                   model: str | None = None) -> torch.Tensor:
     """What `Service._generate(setting, ...)` draws, run on float64 copies of the digits
-    pipeline's models from the same (float32) noise. The pipeline returns its images in float32:
-    one rounding at the end, far below float32's error over the steps."""
-    pipe = digits()
+    pipeline's models (`model`, a folder, or the embedded one) from the same (float32) noise.
+    The pipeline returns its images in float32: one rounding at the end, far below float32's
+    error over the steps."""
+    pipe = digits() if model is None else load(model)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(torch.float64)
     _, config = parse_setting(setting)

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 60.0  # the options' default deadline; tests place a job's arrival to reach it
 
 
+@pytest.mark.subprocess
 def test_the_service_imports_where_ray_cannot_be_imported():
     # `sys.modules["ray"] = None` makes every `import ray` fail, as where Ray is not installed.
     code = (
