@@ -24,6 +24,8 @@ from torch import nn
 
 import dcfx
 from dcfx import DeepCacheConfig
+from dcfx.passes.layout import CacheLayout, UNetCut
+from dcfx.runtime import PackagedModel
 
 
 @pytest.fixture(scope="module")
@@ -176,14 +178,15 @@ def test_a_compiled_dcfx_unet_assigned_by_hand_saves_the_plain_unet(unet, tmp_pa
     assert type(load(tmp_path).unet) is UNet2DConditionModel
 
 
-class _PackagedStandIn(nn.Module):
-    """Like the U-Net a loaded AOT package runs behind: a forward signature, no weights."""
+class _PackagedStandIn(PackagedModel):
+    """Like the U-Net a loaded AOT package runs behind: a forward signature, graphs, no weights."""
+
+    key, signature, out_spec = (None, (), None), "", None
+    layout = CacheLayout(UNetCut(0, 1))
+    runners = {"full": None, "shallow": None}
 
     def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=True):
         raise AssertionError("not called")
-
-    def _dcfx_preload(self, fast):
-        pass
 
 
 def test_a_pipeline_running_an_aot_package_refuses_to_save_before_writing(unet, tmp_path):
