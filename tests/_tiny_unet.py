@@ -1,6 +1,7 @@
-"""Shared by test_runtime.py and test_pipelines.py: tiny random diffusers models, and DeepCache
-done by hand with forward hooks on the plain U-Net (the reference dcfx is checked against),
-also in float64.
+"""The tests' tiny random diffusers models (U-Nets, a VAE, a Stable Diffusion pipeline without
+text encoder), their inputs, and DeepCache done by hand with forward hooks on the plain U-Net
+(the reference dcfx is checked against), also in float64. tests/conftest.py shares the objects
+that tests only read as fixtures.
 
 Not a test module (no `test_` prefix); pytest puts tests/ on sys.path, so the test files
 import it as `_tiny_unet`.
@@ -77,6 +78,40 @@ def tiny_vae(seed: int = 1) -> AutoencoderKL:
             up_block_types=("UpDecoderBlock2D",),
             sample_size=LATENT,
         ).eval()
+
+
+def unet_inputs(batch: int = 2, seed: int = 0, size: int = LATENT, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """A U-Net call's `sample` and `encoder_hidden_states`, drawn in that order from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, size, size, generator=g).to(dtype)
+    e = torch.randn(batch, TOKENS, CROSS_DIM, generator=g).to(dtype)
+    return x, e
+
+
+def prompt_embeds(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pipeline call's `prompt_embeds` and `negative_prompt_embeds` (batch 1), drawn from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, TOKENS, CROSS_DIM, generator=g), torch.randn(1, TOKENS, CROSS_DIM, generator=g)
+
+
+def tiny_pipe(unet, scheduler, vae=None, cls=None):
+    """A `StableDiffusionPipeline` (or `cls`) of `unet` and `scheduler` without text encoder,
+    tokenizer or safety checker (calls pass `prompt_embeds`), its progress bar off; `vae`
+    defaults to a fresh `tiny_vae()`."""
+    from diffusers import StableDiffusionPipeline  # imports transformers: only where needed
+
+    pipe = (cls or StableDiffusionPipeline)(
+        vae=tiny_vae() if vae is None else vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def tiny_digits_folder(folder, seed: int = 0):
@@ -251,3 +286,9 @@ class Recorder:
     def __call__(self, gm, example_inputs):
         self.graphs.append(gm)
         return gm.forward
+
+    def fused(self) -> list[bool]:
+        """Per recorded graph: whether it holds dcfx's fused cut op."""
+        from dcfx.passes.fuse import FUSED_OP
+
+        return [any(n.target is FUSED_OP for n in gm.graph.nodes) for gm in self.graphs]

@@ -1,6 +1,8 @@
 """Settings of the test session, shared fixtures, and the order the files run in."""
 
+import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -38,6 +40,46 @@ def one_thread():
     torch.set_num_threads(int(os.environ.get("DCFX_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def unet():
+    """The tiny U-Net (`_tiny_unet.tiny_unet(seed=0)`), shared by every test that only reads it:
+    dcfx shares a U-Net's captures between its wrappers, so each call signature is exported once
+    per session. A test that changes its U-Net builds its own; a file that needs another U-Net
+    defines its own `unet` fixture."""
+    from _tiny_unet import tiny_unet
+
+    return tiny_unet(seed=0)
+
+
+@pytest.fixture(scope="session")
+def inputs():
+    """`(sample, encoder_hidden_states)` of batch 2 for the tiny U-Net (`_tiny_unet.unet_inputs()`),
+    read only."""
+    from _tiny_unet import unet_inputs
+
+    return unet_inputs()
+
+
+@contextlib.contextmanager
+def _records(name: str, level: int):
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler(level)
+    handler.emit = seen.append
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+
+
+@pytest.fixture(scope="session")
+def log_records():
+    """`with log_records(name, level) as seen:` collects the log records of logger `name` and its
+    children at `level` or above in the list `seen`, whatever propagation says."""
+    return _records
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,10 @@
-"""Every way users call a U-Net: caches keyed by conditioning, per-step floats as graph inputs,
-module state changed mid-generation, model-state options with the fused cut, timesteps as the
-model class converts them, interleaved generations. Each against an independent reference:
-DeepCache by hand (a hook per conditioning) or the plain U-Net."""
+"""Every way users call a U-Net: caches keyed by conditioning, guidance as separate calls per
+step, per-step floats as graph inputs, module state changed mid-generation, model-state options
+with the fused cut, timesteps as the model class converts them, interleaved generations. Each
+against an independent reference: DeepCache by hand (a hook per conditioning), the plain
+U-Net, or the reference helper (DeepCache==0.1.1) run on the batched form of the same loop (a
+batched call caches one feature per batch element, which is what the separate uncond and cond
+calls must get)."""
 
 from __future__ import annotations
 
@@ -11,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 from _tiny_unet import CROSS_DIM, LATENT, TOKENS, ReferenceDeepCache, tiny_unet, uniform
-from _tolerance import assert_float32_close, assert_float32_far
-from diffusers import DDIMScheduler, UNet2DModel
+from _tolerance import as_float64, assert_float32_close, assert_float32_far, float64_copy
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler, PNDMScheduler, UNet2DModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from test_reference import _SD_BETAS, _sd_unet, reference_helper
 
 import dcfx
 
@@ -83,6 +87,187 @@ def test_guidance_cutoff_reads_each_conditionings_own_cache(unet, mode):
         check(c, oracles(pattern[i], x, t, cond), f"cond step {i}")
         x = x - 0.1 * c
     assert fast.history == (pattern,)
+
+
+# -- 1b. separate guidance calls against the reference helper; the step rule ---------------------
+
+
+T = 8  # steps per generation
+GUIDANCE = 5.0
+
+
+class LoopPipe:
+    """Just what `dcfx.enable` needs: a U-Net and a scheduler."""
+
+    def __init__(self, unet, scheduler):
+        self.unet, self.scheduler = unet, scheduler
+
+
+def no_host_reads(monkeypatch):
+    def refuse(call):
+        raise AssertionError("read a timestep on the host")
+
+    monkeypatch.setattr(dcfx.runtime.steps, "host_timestep", refuse)
+
+
+def cfg_loop(unet, scheduler, latents, uncond, cond, split: bool, rescale: bool = False) -> list[torch.Tensor]:
+    """Guidance as two calls per step (`split`) or one batched call; the latents of every step.
+
+    `rescale` makes each of the two calls' sample a new (equal) tensor.
+    """
+    lat = latents * scheduler.init_noise_sigma
+    steps = []
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.scale_model_input(lat, t)
+            if split:
+                eps_u = unet(x, t, encoder_hidden_states=uncond).sample
+                x2 = scheduler.scale_model_input(lat, t) if rescale else x
+                eps_c = unet(x2, t, encoder_hidden_states=cond).sample
+            else:
+                both = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+                eps_u, eps_c = both.chunk(2)
+            lat = scheduler.step(eps_u + GUIDANCE * (eps_c - eps_u), t, lat).prev_sample
+            steps.append(lat.clone())
+    return steps
+
+
+@pytest.fixture(scope="module")
+def sd():
+    """An SD-shaped U-Net with 2 layers per block (the reference's branch ids are dcfx's)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        unet = _sd_unet().eval()
+    g = torch.Generator().manual_seed(8)
+    uncond, cond = torch.randn(1, 7, 32, generator=g), torch.randn(1, 7, 32, generator=g)
+    return unet, torch.randn(1, 4, 16, 16, generator=g), uncond, cond
+
+
+@pytest.fixture(scope="module")
+def sd64(sd):
+    unet, *tensors = sd
+    return float64_copy(unet), *as_float64(tensors)
+
+
+SCHEDULERS = {
+    "ddim": lambda: DDIMScheduler(**_SD_BETAS, clip_sample=False, set_alpha_to_one=False),
+    "euler": lambda: EulerDiscreteScheduler(**_SD_BETAS),
+}
+
+
+def scheduler_of(kind: str):
+    s = SCHEDULERS[kind]()
+    s.set_timesteps(T)
+    return s
+
+
+@pytest.mark.parametrize("mode", ["auto", "auto_equal_samples", "explicit", "enable"])
+@pytest.mark.parametrize(("kind", "interval", "branch"), [("ddim", 3, 1), ("euler", 2, 0)])
+def test_separate_guidance_calls_match_the_reference(sd, sd64, kind, interval, branch, mode, monkeypatch):
+    unet, latents, uncond, cond = sd
+    sched = scheduler_of(kind)
+    with reference_helper(unet, sched, interval, branch):
+        ref = cfg_loop(unet, sched, latents, uncond, cond, split=False)
+    unet64, latents64, uncond64, cond64 = sd64
+    sched = scheduler_of(kind)
+    with reference_helper(unet64, sched, interval, branch):
+        ref64 = cfg_loop(unet64, sched, latents64, uncond64, cond64, split=False)
+    plain = cfg_loop(unet, scheduler_of(kind), latents, uncond, cond, split=False)
+
+    if mode == "enable":
+        pipe = LoopPipe(unet, SCHEDULERS[kind]())
+        fast = dcfx.enable(pipe, interval=interval, branch=branch)
+        no_host_reads(monkeypatch)
+        sched = pipe.scheduler
+        sched.set_timesteps(T)  # announces the generation
+    else:
+        fast = dcfx.optimize(unet, interval=interval, branch=branch)
+        sched = scheduler_of(kind)
+        if mode == "explicit":
+            no_host_reads(monkeypatch)
+            fast.begin(T)
+    run = cfg_loop(fast, sched, latents, uncond, cond, split=True, rescale=(mode == "auto_equal_samples"))
+
+    assert fast.history == (uniform(T, interval),)  # decided per step, not per call
+    assert_float32_close(run, ref, ref64, what="split guidance vs the reference")
+    assert_float32_far(plain, ref, ref64, times=FAR, what="plain vs the reference")  # caching changed the result: the check can fail
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    g = torch.Generator().manual_seed(3)
+    uncond, cond = torch.randn(1, TOKENS, CROSS_DIM, generator=g), torch.randn(1, TOKENS, CROSS_DIM, generator=g)
+    return tiny_unet(seed=0), torch.randn(1, 4, LATENT, LATENT, generator=g), uncond, cond
+
+
+@pytest.fixture(scope="module")
+def tiny64(tiny):
+    unet, *tensors = tiny
+    return float64_copy(unet), *as_float64(tensors)
+
+
+TWO_CALL_SCHEDULERS = {
+    "heun": lambda: HeunDiscreteScheduler(steps_offset=1),  # two calls per step, repeated timesteps
+    "pndm": lambda: PNDMScheduler(steps_offset=1, skip_prk_steps=False),  # PRK: timesteps come in pairs
+}
+
+
+@pytest.mark.parametrize("mode", ["auto", "enable"])
+@pytest.mark.parametrize("kind", list(TWO_CALL_SCHEDULERS))
+def test_separate_guidance_calls_with_repeating_schedulers_equal_batched(tiny, tiny64, kind, mode, monkeypatch):
+    """Heun/PNDM repeat a timestep with a new sample: those calls stay separate steps, and
+    split guidance on top of them gives what the batched call gives."""
+    unet, latents, uncond, cond = tiny
+    runs, histories = [], []
+    sched = TWO_CALL_SCHEDULERS[kind]()
+    sched.set_timesteps(4)
+    unet64, *inputs64 = tiny64
+    batched64 = cfg_loop(dcfx.optimize(unet64, interval=3, branch=1), sched, *inputs64, split=False)  # the batched calls
+    for split in (False, True):
+        if mode == "enable":
+            pipe = LoopPipe(unet, TWO_CALL_SCHEDULERS[kind]())
+            fast = dcfx.enable(pipe, interval=3, branch=1)
+            sched = pipe.scheduler
+            with monkeypatch.context() as m:
+                no_host_reads(m)
+                sched.set_timesteps(4)
+                runs.append(cfg_loop(fast, sched, latents, uncond, cond, split))
+        else:
+            fast = dcfx.optimize(unet, interval=3, branch=1)
+            sched = TWO_CALL_SCHEDULERS[kind]()
+            sched.set_timesteps(4)
+            runs.append(cfg_loop(fast, sched, latents, uncond, cond, split))
+        histories.append(fast.history)
+    batched, split = runs
+    calls = len(sched.timesteps)
+    assert histories == [(uniform(calls, 3),)] * 2
+    assert_float32_close(split, batched, batched64, what="split against batched")
+
+
+def test_step_rule(tiny):
+    """What makes a call join the current step, and what starts the next one."""
+    unet, x, uncond, cond = tiny
+    fast = dcfx.optimize(unet, interval=2)
+    oracle = ReferenceDeepCache(unet, 0)  # one cache per batch shape: run slots in separate oracles
+    other = ReferenceDeepCache(unet, 0)
+
+    def call(sample, t, e, oracle_, mode):
+        with torch.no_grad():
+            out = fast(sample, t, encoder_hidden_states=e).sample
+        assert_float32_close(out, *oracle_(mode, sample, t, encoder_hidden_states=e), what=f"{mode} at {t}")
+
+    t = torch.tensor([900])  # the signature of a Python int timestep, used below
+    call(x, t, uncond, oracle, "F")
+    call(x, t, cond, other, "F")  # same sample and timestep: slot 1 of step 0
+    x1, t1 = x * 0.9, torch.tensor([800])
+    call(x1, t1, uncond, oracle, "S")
+    call(x1, t1, cond, other, "S")  # reads its own cache (slot 1), not slot 0's
+    call(x1, t1, uncond, oracle, "F")  # an exact repeat of step 1's first call: step 2
+    call(x1, t1, cond, other, "F")  # slot 1 of step 2
+    x2 = x * 0.8
+    call(x2, 700, uncond, oracle, "S")  # Python numbers: step 3 ...
+    call(x2, 700, cond, other, "S")  # ... and, an equal number with the same sample, its slot 1
+    assert fast.history == ("FSFS",)
 
 
 # -- 2. floats that change every step are graph inputs -----------------------------------------

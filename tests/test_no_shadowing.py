@@ -32,7 +32,7 @@ def test_the_kernels_folder_is_no_regular_package():
 
 @pytest.mark.subprocess
 def test_dcfx_diffusers_and_kernels_import_from_the_checkout_root():
-    # One interpreter for both `python -c` commands of the issue (each start costs seconds):
+    # One interpreter for both `python -c` checks (each start costs seconds):
     # dcfx, diffusers' pipelines and transformers' kernels import, and `import kernels` finds
     # the installed package.
     code = (

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler
 
 import dcfx
 from dcfx.aot import load_package, package, read_manifest
 from _shared import built_once
-from _tiny_unet import CROSS_DIM, LATENT, TOKENS, float32_noise, tiny_unet, tiny_vae
+from _tiny_unet import LATENT, float32_noise, prompt_embeds, tiny_pipe, tiny_unet
 from _tolerance import as_float64, assert_float32_close, float64_copy
 
 pytestmark = [pytest.mark.aot, pytest.mark.inductor]
@@ -36,29 +36,13 @@ INTERVAL = 3
 
 
 def make_pipe(unet):
-    pipe = StableDiffusionPipeline(
-        vae=tiny_vae(seed=1),
-        text_encoder=None,
-        tokenizer=None,
-        unet=unet,
-        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def embeds():
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(1, TOKENS, CROSS_DIM, generator=g), torch.randn(1, TOKENS, CROSS_DIM, generator=g)
+    return tiny_pipe(unet, DDIMScheduler(steps_offset=1, clip_sample=False))
 
 
 def generate(pipe, steps, dtype=torch.float32):
     """The pipeline's latents; a pipeline of float64 components gets float64 embeddings and the
     float32 run's noise."""
-    prompt, negative = (e.to(dtype) for e in embeds())
+    prompt, negative = (e.to(dtype) for e in prompt_embeds())
     with torch.no_grad(), float32_noise() if dtype == torch.float64 else contextlib.nullcontext():
         return pipe(
             prompt_embeds=prompt, negative_prompt_embeds=negative, num_inference_steps=steps,

@@ -107,7 +107,7 @@ def test_fused_graph_has_the_op_and_no_concat_at_the_cut(captured):
         assert not any(u.target is aten.cat.default for u in cache.users)
         ops = [u for u in cache.users if u.target is FUSED_OP]
         assert len(ops) == 1
-        # The shortcut conv now reads the cache directly (split by linearity).
+        # The shortcut conv reads the cache directly (split by linearity).
         assert any(u.target is aten.conv2d.default for u in cache.users)
         n_cats = lambda g: sum(n.target is aten.cat.default for n in g.graph.nodes)  # noqa: E731
         assert n_cats(fused) == n_cats(shallow) - 1
@@ -230,7 +230,7 @@ def test_cached_feature_statistics_move_to_the_full_graph(captured, output64, br
     assert placeholders[-2:] == [CACHE_INPUT, STATS_INPUT]
     (op,) = [n for n in shallow.graph.nodes if n.target is FUSED_OP]
     assert op.args[6].name == STATS_INPUT
-    # Statistics are no longer computed in the shallow graph itself.
+    # The full graph computes the statistics; the shallow graph only reads them.
     assert not any(n.target is STATS_OP for n in shallow.graph.nodes)
     plain = split(cap.graph_module, branch)
     with torch.no_grad():

@@ -27,7 +27,9 @@ from diffusers import (
 
 import dcfx
 from dcfx import DeepCacheUNet
-from _tiny_unet import CROSS_DIM, LATENT, TOKENS, ManualDeepCache, float32_noise, pattern_of, tiny_unet, tiny_vae, uniform
+from _tiny_unet import (
+    LATENT, ManualDeepCache, float32_noise, pattern_of, prompt_embeds, tiny_pipe, tiny_unet, tiny_vae, uniform,
+)
 from _tolerance import as_float64, assert_float32_close, assert_float32_far, float64_copy
 
 SCHEDULERS = {
@@ -56,8 +58,7 @@ def components64(components):
 
 @pytest.fixture(scope="module")
 def embeds():
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(1, TOKENS, CROSS_DIM, generator=g), torch.randn(1, TOKENS, CROSS_DIM, generator=g)
+    return prompt_embeds(seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -67,18 +68,7 @@ def image():
 
 
 def make_pipe(components, scheduler: str, cls=StableDiffusionPipeline):
-    pipe = cls(
-        vae=components["vae"],
-        text_encoder=None,
-        tokenizer=None,
-        unet=components["unet"],
-        scheduler=SCHEDULERS[scheduler](),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_pipe(components["unet"], SCHEDULERS[scheduler](), vae=components["vae"], cls=cls)
 
 
 def img2img_of(pipe):
@@ -237,6 +227,30 @@ def test_nonuniform_img2img_with_enable(components, embeds, image, scheduler, mo
     generate(pipe, embeds, 20, image, 0.6)
     calls = calls_img2img(scheduler, 20, 0.6)
     assert fast.history == (pattern_of(dcfx.nonuniform_full_steps(calls, 3, center=8), calls),)
+
+
+def test_img2img_after_an_interrupted_generation_with_enable(components, components64, embeds, image):
+    # An aborted txt2img stops at a high timestep; the img2img that follows starts lower, which
+    # automatic mode would take for the same generation going on. The scheduler knows better.
+    pipe = make_pipe(components, "ddim")
+    fast = dcfx.enable(pipe, interval=3)
+    i2i = img2img_of(pipe)
+
+    def stop_after_3(p, i, t, kwargs):
+        if i == 2:
+            p._interrupt = True
+        return kwargs
+
+    prompt, negative = embeds
+    with torch.no_grad():
+        pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, num_inference_steps=10,
+             guidance_scale=3.0, output_type="latent", height=LATENT, width=LATENT,
+             generator=torch.Generator().manual_seed(0), callback_on_step_end=stop_after_3)
+    out = generate(i2i, embeds, 10, image, 0.3)
+    expected = by_hand(components, components64, "FSS", lambda parts: img2img_of(make_pipe(parts, "ddim")), embeds, 10, image, 0.3)
+    assert_float32_close(out, *expected)
+    assert fast.history == ("FSS", "FSS")
+    dcfx.disable(pipe)
 
 
 def test_enable_leftover_plan_never_reuses_a_stale_cache(components, components64, embeds, image):

@@ -8,7 +8,7 @@ import ast
 import pytest
 import torch
 import torch.utils._pytree as pytree
-from _tiny_unet import CROSS_DIM, LATENT, NUM_SKIPS, TOKENS, skip_consumer, tiny_unet
+from _tiny_unet import NUM_SKIPS, skip_consumer
 from torch.profiler import profile, record_function
 
 import dcfx
@@ -18,15 +18,8 @@ FUSED_OP = "dcfx::cat_group_norm_silu"
 
 
 @pytest.fixture(scope="module")
-def unet():
-    return tiny_unet()
-
-
-@pytest.fixture(scope="module")
-def call():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, LATENT, LATENT, generator=gen)
-    ehs = torch.randn(2, TOKENS, CROSS_DIM, generator=gen)
+def call(inputs):
+    x, ehs = inputs
     return (x, torch.tensor([999])), {"encoder_hidden_states": ehs}
 
 

@@ -1,32 +1,29 @@
-"""DeepCacheUNet on a tiny random U-Net: bad inputs, safety of the cache, call forms, schedules,
-and `dcfx.report`.
+"""DeepCacheUNet on a tiny random U-Net: a branch out of range, safety of the cache, call forms,
+generations, and `dcfx.report`.
 
 Every output is checked against the plain U-Net: full steps bit for bit against a plain call,
 shallow steps against `ReferenceDeepCache` (the plain U-Net with the cached hidden state swapped
 in by a hook, run in float32 and float64: tests/_tolerance.py).
 The export of the tiny U-Net takes a few seconds per input signature and is shared by all
-wrappers of the same U-Net object, so the tests reuse one module-scoped U-Net and one
-signature (batch 2, 8x8 latents, integer timesteps) wherever the test allows.
+wrappers of the same U-Net object, so the tests reuse the session's U-Net and one signature
+(the `unet` and `inputs` fixtures of tests/conftest.py: batch 2, 8x8 latents, integer
+timesteps) wherever the test allows. (Bad configurations: test_input_checks.py; schedules:
+test_schedules.py.)
 """
 
 from __future__ import annotations
 
 import copy
-import math
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import dcfx
-from dcfx import DeepCacheConfig, DeepCacheUNet
-from _tiny_unet import (
-    CROSS_DIM, LATENT, NUM_SKIPS, TOKENS, ReferenceDeepCache, pattern_of, tiny_unet, uniform,
-)
+from dcfx import DeepCacheConfig
+from _tiny_unet import LATENT, NUM_SKIPS, ReferenceDeepCache, pattern_of, tiny_unet, uniform, unet_inputs
 from _tolerance import assert_float32_close, assert_float32_far, assert_float64_close
 
 # A full step runs the exported U-Net, its own ops in their order: bit for bit the plain call.
@@ -34,23 +31,6 @@ EXACT = dict(rtol=0, atol=0)
 # A shallow step (the fused cut normalises in another order) against the float64 reference;
 # one that reused nothing would be more than FAR such bounds away.
 FAR = 100
-
-
-@pytest.fixture(scope="module")
-def unet():
-    return tiny_unet(seed=0)
-
-
-def make_inputs(batch=2, size=LATENT, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 4, size, size, generator=g).to(dtype)
-    e = torch.randn(batch, TOKENS, CROSS_DIM, generator=g).to(dtype)
-    return x, e
-
-
-@pytest.fixture(scope="module")
-def inputs():
-    return make_inputs()
 
 
 def run(fast, x, t, e, **kwargs):
@@ -68,91 +48,7 @@ def check_step(out, oracle, mode, x, t, e, **kwargs):
     return expected32, expected64
 
 
-# -- configuration errors -------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("interval", [0, -3, 1.5, True, "3", None])
-def test_bad_interval(interval):
-    with pytest.raises(ValueError, match=r"interval must be an integer >= 1 \(1 = no caching\), got"):
-        DeepCacheConfig(interval=interval)
-
-
-@pytest.mark.parametrize("branch", [-1, True, 0.0, "1", None])
-def test_bad_branch(branch):
-    with pytest.raises(ValueError, match=r"branch must be an integer >= 0 .*dcfx\.report lists the valid range"):
-        DeepCacheConfig(branch=branch)
-
-
-@pytest.mark.parametrize("name", ["cosine", "Uniform", ""])
-def test_unknown_schedule_name_lists_the_choices(name):
-    with pytest.raises(ValueError) as info:
-        DeepCacheConfig(schedule=name)
-    message = str(info.value)
-    assert "'uniform'" in message and "'nonuniform'" in message
-    assert "sequence of full step indices" in message
-    assert repr(name) in message
-
-
-@pytest.mark.parametrize(
-    "schedule, match",
-    [
-        ([], r"non-empty sequence of step indices >= 0"),
-        ((0, -2), r"non-empty sequence of step indices >= 0"),
-        ((0, 1.5), r"non-empty sequence of step indices >= 0"),
-        ((0, True), r"non-empty sequence of step indices >= 0"),
-        ((1, 4, 7), r"must include step 0 \(always full\)"),
-    ],
-)
-def test_bad_explicit_schedule(schedule, match):
-    with pytest.raises(ValueError, match=match):
-        DeepCacheConfig(schedule=schedule)
-
-
-def test_explicit_schedule_is_sorted_and_deduplicated():
-    assert DeepCacheConfig(schedule=[7, 0, 3, 3]).schedule == (0, 3, 7)
-
-
-@pytest.mark.parametrize(
-    "options, match",
-    [
-        (dict(power=1.0), r"power must be a number > 1"),
-        (dict(power="1.4"), r"power must be a number > 1"),
-        (dict(center=-1), r"center must be an integer step index >= 0"),
-        (dict(compile_mode="fast"), r"compile_mode must be None or one of \('default', 'reduce-overhead'"),
-        (dict(compile_options=[("freezing", True)]), r"compile_options must be a mapping"),
-        (dict(compile_mode="default", compile_options={"freezing": True}), r"either compile_mode or compile_options"),
-    ],
-)
-def test_bad_other_options(options, match):
-    with pytest.raises(ValueError, match=match):
-        DeepCacheConfig(**options)
-
-
-def test_optimize_argument_errors(unet):
-    with pytest.raises(TypeError, match="either a DeepCacheConfig or its fields"):
-        dcfx.optimize(unet, DeepCacheConfig(), interval=2)
-    with pytest.raises(TypeError, match="config must be a DeepCacheConfig"):
-        dcfx.optimize(unet, {"interval": 2})
-    with pytest.raises(TypeError, match="expects a torch.nn.Module"):
-        dcfx.optimize(lambda x, t: x, interval=2)
-    with pytest.raises(ValueError, match="interval must be"):
-        dcfx.optimize(unet, interval=0)
-
-
-def test_optimize_rewraps_a_deepcache_unet(unet):
-    first = dcfx.optimize(unet, interval=2)
-    second = dcfx.optimize(first, interval=4, branch=1)
-    assert second.unet is unet
-    assert second.deepcache_config == DeepCacheConfig(interval=4, branch=1)
-
-
-@pytest.mark.parametrize("num_steps", [0, -1, True, 2.0, "3"])
-def test_begin_rejects_bad_num_steps(unet, num_steps):
-    with pytest.raises(ValueError, match="num_steps must be None or an integer >= 1"):
-        dcfx.optimize(unet, interval=2).begin(num_steps)
-
-
-# -- model errors ---------------------------------------------------------------------------
+# -- a branch the U-Net does not have --------------------------------------------------------
 
 
 def test_branch_out_of_range_fails_at_first_call_naming_the_range(unet, inputs):
@@ -169,32 +65,6 @@ def test_branch_out_of_range_fails_at_first_call_naming_the_range(unet, inputs):
     oracle = ReferenceDeepCache(unet, NUM_SKIPS - 1)
     for t, mode in zip((900, 800), "FS"):
         check_step(run(ok, x, t, e), oracle, mode, x, t, e)
-
-
-class ConvsOnly(nn.Module):
-    """(sample, timestep) -> sample; no skip connection."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(4, 8, 3, padding=1)
-        self.b = nn.Conv2d(4, 8, 3, padding=1)
-        self.out = nn.Conv2d(16, 4, 3, padding=1)
-
-    def forward(self, sample, timestep):
-        # A channel concatenation, but neither operand is an ancestor of the other: not a skip.
-        h = torch.cat([F.silu(self.a(sample)), self.b(sample)], dim=1)
-        return self.out(h) + timestep.float().reshape(-1, 1, 1, 1) * 0
-
-
-def test_model_without_skip_connections_is_rejected():
-    model = ConvsOnly().eval()
-    x = torch.randn(1, 4, 8, 8)
-    fast = dcfx.optimize(model, interval=2)
-    with pytest.raises(ValueError, match=r"found no skip connections .*DeepCache needs a U-Net"):
-        with torch.no_grad():
-            fast(x, torch.tensor([5]))
-    with pytest.raises(ValueError, match=r"found no skip connections .*DeepCache needs a U-Net"):
-        dcfx.report(model, x, torch.tensor([5]))
 
 
 # -- every branch, against the hand-made reference ------------------------------------------
@@ -228,9 +98,9 @@ def test_each_branch_matches_manual_deepcache(unet, inputs, branch, fuse_cut):
 
 
 def test_new_shape_mid_generation_gets_its_own_fresh_cache(unet):
-    a = make_inputs(batch=2, size=LATENT, seed=1)
-    b = make_inputs(batch=2, size=2 * LATENT, seed=2)  # another resolution
-    c = make_inputs(batch=1, size=LATENT, seed=3)  # another batch size
+    a = unet_inputs(batch=2, size=LATENT, seed=1)
+    b = unet_inputs(batch=2, size=2 * LATENT, seed=2)  # another resolution
+    c = unet_inputs(batch=1, size=LATENT, seed=3)  # another batch size
     fast = dcfx.optimize(unet, interval=5, branch=0)
     # (inputs, timestep, expected step kind)
     plan = [
@@ -255,7 +125,7 @@ def test_new_shape_mid_generation_gets_its_own_fresh_cache(unet):
 def test_moving_to_float64_after_use_recaptures_and_stays_correct():
     own = tiny_unet(seed=5)
     fast = dcfx.optimize(own, interval=4, branch=1)
-    x32, e32 = make_inputs(seed=4)
+    x32, e32 = unet_inputs(seed=4)
     x64, e64 = x32.double(), e32.double()
     oracle = ReferenceDeepCache(own, 1)
     for t, mode in zip((900, 800), "FS"):
@@ -419,21 +289,6 @@ def test_nonuniform_needs_the_step_count(unet, inputs):
         run(fast, x, 900, e)
 
 
-def test_schedule_queries():
-    unet = nn.Identity()  # the schedule needs no model
-    fast = DeepCacheUNet(unet, DeepCacheConfig(interval=3))
-    assert fast.full_steps(10) == (0, 3, 6, 9)
-    assert [fast.is_full_step(i) for i in range(7)] == [True, False, False, True, False, False, True]
-    explicit = DeepCacheUNet(unet, DeepCacheConfig(schedule=(0, 2, 7)))
-    assert explicit.full_steps(10) == (0, 2, 7)
-    assert explicit.full_steps(5) == (0, 2)
-    off = DeepCacheUNet(unet, DeepCacheConfig(interval=1))
-    assert off.full_steps(4) == (0, 1, 2, 3)
-    nonuniform = DeepCacheUNet(unet, DeepCacheConfig(interval=5, schedule="nonuniform"))
-    assert nonuniform.full_steps(50) == (0, 5, 9, 13, 17, 21, 26, 31, 37, 43)
-    assert nonuniform.is_full_step(9, 50) and not nonuniform.is_full_step(10, 50)
-
-
 def test_explicit_schedule_runs(unet, inputs):
     x, e = inputs
     fast = dcfx.optimize(unet, schedule=[0, 2, 7])
@@ -541,51 +396,6 @@ def test_controlnet_residuals_with_caching(unet, inputs, branch):
     assert fast.history == ("FSSFS",)
 
 
-# -- dcfx.schedule --------------------------------------------------------------------------
-
-
-def test_nonuniform_checked_examples():
-    assert dcfx.nonuniform_full_steps(50, 5) == (0, 5, 9, 13, 17, 21, 26, 31, 37, 43)
-    assert dcfx.nonuniform_full_steps(50, 6) == (0, 5, 10, 15, 18, 24, 29, 36, 42)
-
-
-def _reference_nonuniform(num_steps, interval, center=15, power=1.4):
-    """The reference helper's algorithm, written from DEEPCACHE.md with Python complex powers."""
-    k = math.ceil(num_steps / interval)
-    while power > 1:
-        x = np.linspace(complex(-center) ** (1 / power), complex(num_steps - center) ** (1 / power), k + 1)
-        values = np.unique(np.real(x**power).astype(np.int32))
-        steps = [0] + [int(v) + center for v in values[1:-1]]
-        if len(steps) == k:
-            return tuple(steps)
-        power -= 0.02
-    return None
-
-
-@pytest.mark.parametrize("center", [5, 15])
-def test_nonuniform_matches_the_reference_algorithm(center):
-    compared = 0
-    for num_steps in range(8, 61):
-        for interval in range(2, 7):
-            expected = _reference_nonuniform(num_steps, interval, center)
-            if expected is None:
-                with pytest.raises(ValueError, match="schedule='uniform'"):
-                    dcfx.nonuniform_full_steps(num_steps, interval, center)
-                continue
-            got = dcfx.nonuniform_full_steps(num_steps, interval, center)
-            assert got == expected, (num_steps, interval)
-            assert len(got) == math.ceil(num_steps / interval) and got[0] == 0
-            assert list(got) == sorted(set(got)) and got[-1] < num_steps
-            compared += 1
-    assert compared > 200
-
-
-def test_nonuniform_edge_cases():
-    assert dcfx.nonuniform_full_steps(4, 1) == (0, 1, 2, 3)  # every step full
-    with pytest.raises(ValueError, match="num_steps must be >= 1"):
-        dcfx.nonuniform_full_steps(0, 3)
-
-
 # -- dcfx.report ----------------------------------------------------------------------------
 
 # Modules each branch's shallow step runs (besides parameter-free ones), for the tiny U-Net;
@@ -684,13 +494,6 @@ def test_report_bad_arguments(unet, inputs):
         dcfx.report(unet, x, 900, e, branches=[7])
 
 
-def test_unknown_option_names_the_valid_fields(unet):
-    with pytest.raises(TypeError, match=r"intervall.*valid fields are interval, branch, schedule"):
-        dcfx.optimize(unet, intervall=3)
-    with pytest.raises(TypeError, match="not both"):
-        dcfx.optimize(unet, dcfx.DeepCacheConfig(), interval=2)
-
-
 def test_noop_moves_keep_the_cache(unet, inputs):
     # CPU-offload hooks call .to(device) before every forward: caching must survive it.
     x, e = inputs
@@ -732,15 +535,6 @@ def test_changed_module_state_is_recaptured(inputs):
     torch.testing.assert_close(run(fast, x, 900, e), run(unet, x, 900, e), rtol=0, atol=0)
     unet.disable_freeu()  # checked at the next generation (a larger timestep starts one)
     torch.testing.assert_close(run(fast, x, 950, e), run(unet, x, 950, e), rtol=0, atol=0)
-
-
-def test_variadic_forward_is_rejected():
-    class Wrapper(torch.nn.Module):
-        def forward(self, *args, **kwargs):
-            return args
-
-    with pytest.raises(TypeError, match=r"names its parameters.*\*args, \*\*kwargs"):
-        dcfx.optimize(Wrapper())
 
 
 @pytest.mark.parametrize("forecast", [0, 2])

@@ -1,6 +1,11 @@
-"""Settings: a `DeepCacheConfig` written short (`DeepCacheConfig.from_setting`, `config.setting`)."""
+"""Settings: a `DeepCacheConfig` written short (`DeepCacheConfig.from_setting`, `config.setting`),
+and a config as a value: hashable (its compile options too), frozen, compared and printed by
+its fields. (Bad field values: test_input_checks.py.)"""
 
 from __future__ import annotations
+
+import copy
+import pickle
 
 import pytest
 
@@ -62,3 +67,24 @@ def test_a_calibrated_config_has_no_setting():
     config = DeepCacheConfig(schedule=(0, 2), calibration=Calibration("m", "U", "s", "S", 4, 3.0))
     with pytest.raises(ValueError, match="config.save"):
         config.setting
+
+
+def test_config_is_hashable_frozen_and_compares_and_prints_its_fields():
+    options = {"freezing": True, "cpp.simdlen": None, "some_list": [1, 2]}
+    a = DeepCacheConfig(compile_options=options)
+    b = DeepCacheConfig(compile_options=dict(reversed(options.items())))
+    assert a == b and hash(a) == hash(b) and len({a, b, DeepCacheConfig()}) == 2
+    assert {a: "settings"}[b] == "settings"
+    assert a.compile_options == options and dict(a.compile_options) == options
+    assert "compile_options={'freezing': True, 'cpp.simdlen': None, 'some_list': [1, 2]}" in repr(a)
+    assert DeepCacheConfig() == DeepCacheConfig(compile_options={}) and hash(DeepCacheConfig()) == hash(DeepCacheConfig())
+    assert DeepCacheConfig(compile_options={"freezing": True}) != DeepCacheConfig(compile_options={"freezing": False})
+    # Frozen: neither the config nor its options change, also when the given dict does.
+    options["freezing"] = False
+    assert a.compile_options["freezing"] is True
+    with pytest.raises(TypeError):
+        a.compile_options["freezing"] = False
+    with pytest.raises(AttributeError):
+        a.compile_options.update(freezing=False)
+    for copied in (pickle.loads(pickle.dumps(a)), copy.deepcopy(a)):
+        assert copied == a and hash(copied) == hash(a)
