@@ -106,7 +106,7 @@ UNET=(--interval 3 --branch 0 --no-progress)
 
 # Most valuable first: a stage cut by the budget loses only what comes after it.
 stage install 60 bash -c install_deps
-stage tests_cuda 120 "$PY" -m pytest -q -m "cuda and not inductor" tests/test_kernel_cat_group_norm_silu.py tests/test_kernel_plan.py tests/test_kernel_ops.py tests/test_cuda_reference.py tests/test_cuda_graphs.py
+stage tests_cuda 120 "$PY" -m pytest -q -m "cuda and not inductor" tests/test_kernel_cat_group_norm_silu.py tests/test_kernel_plan.py tests/test_kernel_ops.py tests/test_cuda_reference.py tests/test_cuda_graphs.py tests/test_cuda_graph_recipe.py
 # The adaptive and forecast policies: what the head split costs a full step (goal: <= 2%),
 # and SD1.5 generations under them, eager and replayed by dcfx.cuda_graphs (random weights:
 # the adaptive decisions mean nothing, their mechanics and overheads do).
@@ -121,7 +121,7 @@ stage unet_sdxl 110 "$PY" benchmarks/bench_unet.py "${XL[@]}" "${UNET[@]}" --var
 stage bench_kernels_channels_last 40 "$PY" benchmarks/bench_kernels.py --dtype fp16 --channels-last --cuts-only "${KERNEL_BENCH[@]}"
 # dcfx profile's CUDA path (kernels attributed to the dcfx.full/shallow ranges); the trace stays local.
 stage profile 40 "$PY" -m dcfx profile "${PROFILE[@]}" --top 8 --trace /tmp/dcfx_profile_trace.json --force
-stage tests_cuda_compile 240 "$PY" -m pytest -q --tb=short -m "cuda and inductor" tests/test_kernel_cat_group_norm_silu.py tests/test_kernel_plan.py tests/test_kernel_ops.py tests/test_cuda_reference.py tests/test_cuda_graphs.py
+stage tests_cuda_compile 240 "$PY" -m pytest -q --tb=short -m "cuda and inductor" tests/test_kernel_cat_group_norm_silu.py tests/test_kernel_plan.py tests/test_kernel_ops.py tests/test_cuda_reference.py tests/test_cuda_graphs.py tests/test_cuda_graph_recipe.py
 
 echo
 echo "=== summary ($(( SECONDS ))s; results in $OUT) ==="
