@@ -21,6 +21,7 @@ from _kernel_cases import (
     needs_interpreter,
     triton_enabled,  # noqa: F401  (a fixture)
 )
+from _tolerance import assert_float32_close, float64_copy
 from torch.testing import assert_close
 
 from dcfx.kernels import cat_group_norm_silu as fused_kernel
@@ -239,14 +240,19 @@ def test_compile_true_on_cuda_uses_the_twins_and_matches_eager(monkeypatch):
     unet = tiny_unet(seed=0).cuda()
     x, e = torch.randn(2, 4, 8, 8, device="cuda"), torch.randn(2, 7, 32, device="cuda")
     eager, compiled = dcfx.optimize(unet, interval=2), dcfx.optimize(unet, interval=2, compile=True)
+    eager64 = dcfx.optimize(float64_copy(unet), interval=2)  # the bound's reference (tests/_tolerance.py)
+    # float32 on both sides: TF32 matmuls would round at 2^-11 where the bound expects float32.
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a graph that fails to compile warns
-        for model in (eager, compiled):
+        for model in (eager, compiled, eager64):
             model.begin(4)
         for i, t in enumerate((999, 800, 600, 400)):
             a = eager(x + 0.1 * i, t, encoder_hidden_states=e).sample
+            a64 = eager64((x + 0.1 * i).double(), t, encoder_hidden_states=e.double()).sample
             b = compiled(x + 0.1 * i, t, encoder_hidden_states=e).sample
-            assert_close(b, a, rtol=1e-4, atol=1e-4)
+            assert_float32_close(b, a, a64, what=f"compiled against eager, step {i}")
     assert set(compiled.compile_seconds) == {"full[0]", "shallow[0]"}
     (entry,) = compiled.runtime.entries.current.values()
     (_, shallow), = entry.shallow._compiled.values()
