@@ -54,12 +54,6 @@ class DeepCacheConfig:
             outermost (cheapest shallow step). The valid range depends on the model
             (`dcfx.report` lists it); an out-of-range branch fails at the first call.
             U-Nets only: a transformer is cut by `first_blocks` and `last_blocks`.
-        first_blocks: transformers: Fn, the first blocks, which run on every step (>= 1);
-            None: 1. The blocks between them and the last `last_blocks` are cached as one
-            residual (their output minus their input), refreshed on full steps.
-        last_blocks: transformers: Bn, the last blocks, which run on every step (>= 0); None: 0
-            (None for both is First-Block-Cache's cut). Fn + Bn must be below the model's
-            block count (`dcfx.report` lists the cuts). U-Nets refuse both.
         schedule: "uniform" (step i is full iff i % interval == 0), "nonuniform" (the
             paper's eq. 7, denser around `center`; needs the step count, see
             `DeepCacheUNet.begin` and `dcfx.enable`), or an explicit sequence of full
@@ -95,14 +89,18 @@ class DeepCacheConfig:
         forecast: 0 reuses the last full step's deep feature; 1 or 2 extrapolates it from the
             last 2 or 3 full steps (in timestep units, inside the shallow graph). Each order
             keeps one more cached tensor per stream.
+        first_blocks: transformers: Fn, the first blocks, which run on every step (>= 1);
+            None: 1. The blocks between them and the last `last_blocks` are cached as one
+            residual (their output minus their input), refreshed on full steps.
+        last_blocks: transformers: Bn, the last blocks, which run on every step (>= 0); None: 0
+            (None for both is First-Block-Cache's cut). Fn + Bn must be below the model's
+            block count (`dcfx.report` lists the cuts). U-Nets refuse both.
         calibration: set by `dcfx.calibrate`: what the explicit schedule was fitted for (the
             model, scheduler and step count); dcfx refuses to run it elsewhere.
     """
 
     interval: int = 3
     branch: int = 0
-    first_blocks: int | None = None
-    last_blocks: int | None = None
     schedule: Schedule = "uniform"
     center: int = 15
     power: float = 1.4
@@ -116,6 +114,8 @@ class DeepCacheConfig:
     max_shallow: int = 4
     rescale: tuple[float, ...] = ()
     forecast: int = 0
+    first_blocks: int | None = None
+    last_blocks: int | None = None
     calibration: "Calibration | None" = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -24,6 +24,8 @@ from dcfx import DeepCacheConfig
 from dcfx.passes.families import TRANSFORMERS
 
 STEPS = 6
+# Cuts with a costly shallow graph warn when built; the tests of that warning record it themselves.
+pytestmark = pytest.mark.filterwarnings("ignore:dcfx.*shallow graph:RuntimeWarning")
 # Every class of `_tiny_transformers` is in the registry (checked exact below).
 FAMILY_CUTS = {name: (1, 0) for name in TINY} | {"flux2": (3, 1), "sd3": (1, 1)}
 
@@ -319,3 +321,55 @@ def test_every_family_matches_dbcache_by_hand_at_interval_2(name):
         plain = trajectory(model, kwargs, steps=4)
     assert fast.history[-1] == "FSFS"
     assert_equal_steps(got, expected, plain, full=(0, 2))
+
+
+# -- report and the costly-cut warning ----------------------------------------------------------
+
+def test_report_prices_each_cut_of_a_transformer(flux):
+    kwargs = FLUX.inputs()
+    rep = dcfx.report(flux, **kwargs, config=DeepCacheConfig(interval=3), num_steps=10)
+    assert [r.label for r in rep.branches] == ["F1B0", "F1B1", "F2B0", "F2B1", "F3B0", "F3B1"]
+    assert rep.num_blocks == 6 and all(r.branch is None for r in rep.branches)
+    for r in rep.branches:  # each row prices what the runtime runs at that cut
+        fast = dcfx.optimize(flux, first_blocks=r.cut.first_blocks, last_blocks=r.cut.last_blocks)
+        cost = fast.graphs(**kwargs).cost
+        assert (r.full_flops, r.shallow_flops) == (cost.full, cost.shallow)
+    by_label = {r.label: r for r in rep.branches}
+    assert by_label["F1B0"].shallow_flops < by_label["F2B0"].shallow_flops < by_label["F3B0"].shallow_flops
+    table = str(rep)
+    assert "6 transformer blocks" in table and " cut " in table.splitlines()[1] and "F3B1" in table
+    assert [r.label for r in dcfx.report(flux, **kwargs, cuts=[(2, 2)]).branches] == ["F2B2"]
+    with pytest.raises(ValueError, match=r"a transformer's rows are cuts=\[\(Fn, Bn\), ...\]"):
+        dcfx.report(flux, **kwargs, branches=[0])
+
+
+def _warnings_of(fast, *args, **kwargs):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            fast(*args, **kwargs)
+    return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_a_costly_cut_warns_once_per_model_with_the_reports_figure():
+    model, kwargs = FLUX.model(), FLUX.inputs()
+    assert _warnings_of(dcfx.optimize(model, first_blocks=1, last_blocks=0), **kwargs) == []  # 14.8%
+    row = dcfx.report(model, **kwargs, cuts=[(3, 1)]).branches[0]
+    (message,) = _warnings_of(dcfx.optimize(model, first_blocks=3, last_blocks=1), **kwargs)
+    assert f"FluxTransformer2DModel's shallow graph (F3B1: " in message
+    assert f"costs {100 * row.shallow_fraction:.1f}% of the full graph's FLOPs" in message
+    assert _warnings_of(dcfx.optimize(model, first_blocks=4, last_blocks=1), **kwargs) == []  # once per model
+
+
+def test_a_costly_unet_branch_warns_too():
+    from _tiny_unet import CROSS_DIM, LATENT, TOKENS, tiny_unet
+
+    unet = tiny_unet()
+    args = (torch.randn(2, 4, LATENT, LATENT), torch.tensor(900), torch.randn(2, TOKENS, CROSS_DIM))
+    rows = dcfx.report(unet, *args, num_steps=10).branches
+    costly = next(r for r in rows if r.shallow_fraction > 0.5)
+    (message,) = _warnings_of(dcfx.optimize(unet, branch=costly.branch), *args)
+    assert f"shallow graph (branch {costly.branch} (skip connections" in message
+    assert f"costs {100 * costly.shallow_fraction:.1f}%" in message
