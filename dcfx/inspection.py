@@ -186,9 +186,10 @@ class Cut:
         share = self.shallow_nodes / self.full_nodes if self.full_nodes else float("nan")
         return "\n".join([
             f"dcfx cut at {self.record.describe()}",
-            f"  cached feature: output of {feature.producer or feature.op} on full steps; " + (
-                f"{self.consumer} takes it with skip connection s{self.branch}" if isinstance(self.record, UNetCut)
-                else f"{self.consumer} reads it"),
+            f"  cached feature: output of {feature.producer or feature.op} on full steps; "
+            f"{self.consumer} takes it with skip connection s{self.branch}" if isinstance(self.record, UNetCut) else
+            f"  cached feature: what blocks {self.record.first_blocks}..{self.record.num_blocks - self.record.last_blocks - 1} "
+            f"add to the streams on full steps (their output minus their input), added back on shallow steps",
             "  cached tensors (written on full steps, read on shallow steps):",
             *table,
             _module_list(f"shallow steps run ({len(self.shallow_modules)}): ", self.shallow_modules),
