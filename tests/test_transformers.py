@@ -373,3 +373,48 @@ def test_a_costly_unet_branch_warns_too():
     (message,) = _warnings_of(dcfx.optimize(unet, branch=costly.branch), *args)
     assert f"shallow graph (branch {costly.branch} (skip connections" in message
     assert f"costs {100 * costly.shallow_fraction:.1f}%" in message
+
+
+# -- calibrate and cuda_graphs ------------------------------------------------------------------
+
+def test_calibrate_fits_a_schedule_on_a_flux_pipeline():
+    pipe = tiny_flux_digits()
+    config = dcfx.calibrate(pipe, [[1, 2], [3, 4]], budget=3, num_inference_steps=STEPS, guidance_scale=2.0)
+    assert (config.first_blocks, config.last_blocks) == (1, 0) and config.schedule[0] == 0
+    assert config.calibration.model_name == "FluxTransformer2DModel" and config.calibration.num_steps == STEPS
+    fast = dcfx.enable(pipe, config)
+    _sample(pipe)
+    history = fast.history[-1]
+    assert [i for i, c in enumerate(history) if c == "F"] == list(config.schedule)
+    assert fast.spent.cost <= 3  # the budget, in full-step equivalents
+
+
+@pytest.mark.parametrize("options", [dict(interval=3), dict(adaptive="cut", threshold=0.3, max_shallow=2)],
+                         ids=["uniform", "cut"])
+def test_cuda_graphs_steps_match_the_eager_runtime(options):
+    """The CPU path of `dcfx.cuda_graphs` (the same step phases, uncaptured) on a FluxPipeline-
+    shaped call (`example_call`): the same graphs on the same inputs, so bit for bit."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from dcfx.models import example_call
+
+    transformer = tiny_flux_digits().transformer
+    call = example_call(transformer, 2, tokens=4)
+    fast, reference = dcfx.optimize(transformer, **options), dcfx.optimize(transformer, **options)
+    static_x, static_t = call.args[0].clone(), call.kwargs["timestep"].clone()
+    kwargs = {**call.kwargs, "timestep": static_t}
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    with torch.no_grad():
+        graphs = dcfx.cuda_graphs(fast, static_x, capture=False, **kwargs)
+        for generation in range(2):
+            scheduler.set_timesteps(8)
+            latents = torch.randn(call.args[0].shape, generator=torch.Generator().manual_seed(generation))
+            reference.begin(8)
+            for i, t in enumerate(scheduler.timesteps):
+                static_x.copy_(latents)
+                static_t.fill_(float(t) / 1000)
+                v = graphs.step(i, 8).sample.clone()
+                expected = reference(latents, **{**kwargs, "timestep": static_t.clone()}).sample
+                assert torch.equal(v, expected), f"generation {generation} step {i}"
+                latents = scheduler.step(expected, t, latents).prev_sample
+            assert graphs.history == reference.history[-1] and "S" in graphs.history
