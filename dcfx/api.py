@@ -21,6 +21,11 @@ from .runtime.cuda_graphs import CapturedSteps
 def optimize(unet: nn.Module, config: DeepCacheConfig | None = None, **options: Any) -> DeepCacheUNet:
     """Wrap `unet` so that it runs DeepCache; a drop-in replacement in pipelines and loops.
 
+    `unet` is a U-Net (cut at skip connection `branch`) or a diffusion transformer of a class
+    `dcfx.passes.families.TRANSFORMERS` lists (its first `first_blocks` and last `last_blocks`
+    blocks run every step, the middle is cached as a residual); another transformer class is
+    refused with a ValueError naming the supported ones.
+
     Give either a `DeepCacheConfig` or its fields as keywords (`interval=3, branch=0, ...`).
     Nothing happens to `unet`: graphs are captured lazily, per input signature, at the first
     call, and share its weights. Passing a `DeepCacheUNet` re-wraps its U-Net with the new

@@ -418,3 +418,26 @@ def test_cuda_graphs_steps_match_the_eager_runtime(options):
                 assert torch.equal(v, expected), f"generation {generation} step {i}"
                 latents = scheduler.step(expected, t, latents).prev_sample
             assert graphs.history == reference.history[-1] and "S" in graphs.history
+
+
+# -- an AOT package -----------------------------------------------------------------------------
+
+@pytest.mark.aot
+@pytest.mark.inductor
+def test_a_packaged_flux_transformer_runs_like_uncompiled_dcfx(flux, tmp_path):
+    from dcfx.aot import load_package, package
+
+    kwargs = FLUX.inputs()
+    config = DeepCacheConfig(interval=2, first_blocks=2, last_blocks=0)
+    path = package(dcfx.optimize(flux, config), tmp_path / "flux.pt2", **kwargs)
+    loaded = load_package(path)
+    assert loaded.deepcache_config == dcfx.optimize(flux, config).deepcache_config
+    loaded.begin(4)
+    with torch.no_grad():
+        got = trajectory(loaded, kwargs, steps=4)
+    reference32, _ = by_dcfx(flux, kwargs, config, steps=4)
+    reference64, _ = by_dcfx(float64_copy(flux), as_float64(kwargs), config, steps=4)
+    assert loaded.history[-1] == "FSFS"
+    assert_float32_close(got, reference32, reference64, what="the package")
+    with pytest.raises(ValueError, match="holds the graphs of F2B0: .* a config with cut F1B0 needs another package"):
+        dcfx.optimize(loaded, config.__class__(interval=2, first_blocks=1, last_blocks=0))
