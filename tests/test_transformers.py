@@ -358,7 +358,7 @@ def test_a_costly_cut_warns_once_per_model_with_the_reports_figure():
     assert _warnings_of(dcfx.optimize(model, first_blocks=1, last_blocks=0), **kwargs) == []  # 14.8%
     row = dcfx.report(model, **kwargs, cuts=[(3, 1)]).branches[0]
     (message,) = _warnings_of(dcfx.optimize(model, first_blocks=3, last_blocks=1), **kwargs)
-    assert f"FluxTransformer2DModel's shallow graph (F3B1: " in message
+    assert "FluxTransformer2DModel's shallow graph (F3B1: " in message
     assert f"costs {100 * row.shallow_fraction:.1f}% of the full graph's FLOPs" in message
     assert _warnings_of(dcfx.optimize(model, first_blocks=4, last_blocks=1), **kwargs) == []  # once per model
 
@@ -440,4 +440,4 @@ def test_a_packaged_flux_transformer_runs_like_uncompiled_dcfx(flux, tmp_path):
     assert loaded.history[-1] == "FSFS"
     assert_float32_close(got, reference32, reference64, what="the package")
     with pytest.raises(ValueError, match="holds the graphs of F2B0: .* a config with cut F1B0 needs another package"):
-        dcfx.optimize(loaded, config.__class__(interval=2, first_blocks=1, last_blocks=0))
+        dcfx.optimize(loaded, DeepCacheConfig(interval=2, first_blocks=1, last_blocks=0))
