@@ -261,7 +261,7 @@ def test_profile_and_graphs_take_the_flux_digits_transformer(tmp_path, capsys):
     out = tmp_path / "g"
     assert main(["graphs", "--model", "flux-digits", "--out", str(out), "--first-blocks", "1", "--last-blocks", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "FluxTransformer2DModel from flux-digits" in printed and "dcfx cut at F1B1: first 1 and last 1 of 6" in printed
+    assert "FluxTransformer2DModel from flux-digits" in printed and "dcfx cut at F1B1 (the first 1 and the last 1 of 6" in printed
     assert "only full steps run" in printed and "single_transformer_blocks" in printed
     trace = tmp_path / "trace.json"
     assert main(["profile", "--model", "flux-digits", "--steps", "4", "--interval", "2", "--trace", str(trace),

@@ -58,7 +58,7 @@ def test_a_transformer_cut_travels_in_the_layout():
     data = json.loads(json.dumps(layout.to_dict()))
     assert data["cut"] == {"family": "transformer", "first_blocks": 2, "last_blocks": 1, "num_blocks": 6}
     assert CacheLayout.from_dict(data) == layout
-    assert layout.cut.label == "F2B1" and "first 2 and last 1 of 6 transformer blocks" in layout.cut.describe()
+    assert layout.cut.label == "F2B1" and "the first 2 and the last 1 of 6 transformer blocks" in layout.cut.describe()
 
 
 def test_a_plain_call_costs_what_the_full_graph_does():

@@ -62,8 +62,8 @@ class BlocksCut:
 
     def describe(self) -> str:
         """The cut in words, for reports and inspection."""
-        return (f"{self.label}: first {self.first_blocks} and last {self.last_blocks} of "
-                f"{self.num_blocks} transformer blocks run, the middle is cached")
+        return (f"{self.label} (the first {self.first_blocks} and the last {self.last_blocks} of "
+                f"{self.num_blocks} transformer blocks run, the middle is cached)")
 
     def runs(self, config: DeepCacheConfig) -> bool:
         """Whether `config` asks for this cut (unset fields: the defaults, `families`)."""

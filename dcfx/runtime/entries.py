@@ -313,7 +313,7 @@ def _warn_costly_cut(model: nn.Module, entry: Entry) -> None:
         return
     _COST_CHECKED[model] = None
     warnings.warn(
-        f"dcfx: {type(model).__name__}'s shallow graph ({entry.layout.cut.describe()}) costs "
+        f"dcfx: {type(model).__name__} at {entry.layout.cut.describe()}: the shallow graph costs "
         f"{100 * cost.shallow_fraction:.1f}% of the full graph's FLOPs (dcfx.report's shallow/full), so a "
         f"shallow step saves less than half of a full one; dcfx.report lists cheaper cuts",
         RuntimeWarning,
