@@ -67,14 +67,6 @@ def test_a_bad_setting_names_the_valid_forms(text, says):
     assert says in str(info.value)
 
 
-def test_a_calibrated_config_has_no_setting():
-    from dcfx.config import Calibration
-
-    config = DeepCacheConfig(schedule=(0, 2), calibration=Calibration("m", "U", "s", "S", 4, 3.0))
-    with pytest.raises(ValueError, match="config.save"):
-        config.setting
-
-
 @pytest.mark.parametrize(
     "fields, says",
     [
@@ -93,3 +85,12 @@ def test_bad_transformer_cuts_are_refused_on_construction(fields, says):
 def test_a_transformer_cut_survives_to_dict():
     config = DeepCacheConfig(interval=4, first_blocks=2, last_blocks=1)
     assert DeepCacheConfig.from_dict(config.to_dict()) == config
+
+
+def test_a_calibrated_config_has_no_setting():
+    from dcfx.config import Calibration
+
+    config = DeepCacheConfig(schedule=(0, 2), calibration=Calibration("m", "U", "s", "S", 4, 3.0))
+    with pytest.raises(ValueError, match="config.save"):
+        config.setting
+
