@@ -93,4 +93,3 @@ def test_a_calibrated_config_has_no_setting():
     config = DeepCacheConfig(schedule=(0, 2), calibration=Calibration("m", "U", "s", "S", 4, 3.0))
     with pytest.raises(ValueError, match="config.save"):
         config.setting
-
