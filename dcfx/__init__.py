@@ -4,7 +4,12 @@
 
 captures the U-Net as an FX graph (capture), splits it into a full and a shallow graph at a
 skip connection (passes.split), fuses the cut point into a Triton op (passes.fuse, kernels),
-optionally compiles both graphs (compile) and runs one of them per step (runtime).
+optionally compiles both graphs (compile) and runs one of them per step (runtime). A diffusion
+transformer (Flux, SD3, PixArt, DiT, Flux 2, Qwen-Image, Wan: `passes.families`) is cut after
+its first `first_blocks` and before its last `last_blocks` blocks instead (passes.split_dit):
+
+    pipe.transformer = dcfx.optimize(pipe.transformer, interval=3, first_blocks=1, last_blocks=0)
+
 `torch.compile(dcfx.optimize(unet), ...)` compiles both graphs with those settings;
 `fast.graphs(...)` shows them; `dcfx.package`/`dcfx.load_package` ship them AOT-compiled.
 """

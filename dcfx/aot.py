@@ -413,10 +413,10 @@ class _PackagedUNet(PackagedModel):
 
     def check(self, config: DeepCacheConfig) -> None:
         layout = self.layout
-        if config.branch != layout.cut.branch:
+        if not layout.cut.runs(config):
             raise ValueError(
-                f"{self._path} holds the graphs of branch {layout.cut.branch}; a config with "
-                f"branch={config.branch} needs another package"
+                f"{self._path} holds the graphs of {layout.cut.describe()}; a config with cut "
+                f"{config.cut_word} needs another package"
             )
         packaged = (layout.head, layout.forecast)
         if (config.needs_head, config.forecast) != packaged:

@@ -21,6 +21,11 @@ from .runtime.cuda_graphs import CapturedSteps
 def optimize(unet: nn.Module, config: DeepCacheConfig | None = None, **options: Any) -> DeepCacheUNet:
     """Wrap `unet` so that it runs DeepCache; a drop-in replacement in pipelines and loops.
 
+    `unet` is a U-Net (cut at skip connection `branch`) or a diffusion transformer of a class
+    `dcfx.passes.families.TRANSFORMERS` lists (its first `first_blocks` and last `last_blocks`
+    blocks run every step, the middle is cached as a residual); another transformer class is
+    refused with a ValueError naming the supported ones.
+
     Give either a `DeepCacheConfig` or its fields as keywords (`interval=3, branch=0, ...`).
     Nothing happens to `unet`: graphs are captured lazily, per input signature, at the first
     call, and share its weights. Passing a `DeepCacheUNet` re-wraps its U-Net with the new
@@ -97,7 +102,8 @@ def cuda_graphs(fast: DeepCacheUNet, *args: Any, capture: bool | None = None, **
 
 
 def enable(pipe: Any, config: DeepCacheConfig | None = None, **options: Any) -> DeepCacheUNet:
-    """Run `pipe.unet` with DeepCache, with generation boundaries taken from the scheduler.
+    """Run `pipe.unet` (or `pipe.transformer`, in a pipeline without a U-Net) with DeepCache,
+    with generation boundaries taken from the scheduler.
 
     Sets `pipe.unet = optimize(pipe.unet, ...)` and makes the pipeline's scheduler announce
     generations: each `set_timesteps` starts one of the scheduler's number of U-Net calls,
@@ -113,9 +119,10 @@ def enable(pipe: Any, config: DeepCacheConfig | None = None, **options: Any) -> 
     `pipe.unet = torch.compile(pipe.unet, ...)` before or after `enable` compiles the full and
     the shallow graph with those settings (see `optimize`).
     """
-    if pipelines.deepcache_unet(pipe.unet) is not None:
+    name = pipelines.denoiser(pipe)
+    if pipelines.deepcache_unet(getattr(pipe, name)) is not None:
         disable(pipe)
-    unet = optimize(pipe.unet, config, **options)
+    unet = optimize(getattr(pipe, name), config, **options)
     check_scheduler(unet.deepcache_config, pipe.scheduler)
     pipelines.attach(pipe, unet)
     return unet
@@ -125,7 +132,8 @@ def disable(pipe: Any) -> nn.Module:
     """Undo `enable` (or `optimize`): restore the plain U-Net, the scheduler and the
     pipeline's config as they were before (also after `pipe.unet = dcfx.optimize(...)`)."""
     pipelines.detach(pipe)
-    fast = pipelines.deepcache_unet(pipe.unet)
+    name = pipelines.denoiser(pipe)
+    fast = pipelines.deepcache_unet(getattr(pipe, name))
     if fast is not None:
-        pipelines.restore(pipe, "unet", fast)
-    return pipe.unet
+        pipelines.restore(pipe, name, fast)
+    return getattr(pipe, name)

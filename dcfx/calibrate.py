@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from . import api
+from . import api, pipelines
 from .config import DeepCacheConfig
 from .costs import full_steps_for
 from .policies.calibrate import Recorder, fit
@@ -27,6 +27,8 @@ def calibrate(
     budget: float,
     branch: int = 0,
     forecast: int = 0,
+    first_blocks: int | None = None,
+    last_blocks: int | None = None,
     scheduler: Any = None,
     **call_kwargs: Any,
 ) -> DeepCacheConfig:
@@ -41,7 +43,9 @@ def calibrate(
 
     `budget` is the cost of one generation in full-U-Net-step equivalents (plain sampling with
     T steps costs T): the schedule gets as many full steps as it affords at `branch`'s
-    shallow/full FLOP ratio. The config keeps `branch` and `forecast`, and its `calibration`
+    shallow/full FLOP ratio. A diffusion transformer (or a pipeline's `transformer`) is cut at
+    `first_blocks` and `last_blocks` instead (`DeepCacheConfig`'s defaults when None). The
+    config keeps the cut and `forecast`, and its `calibration`
     records the model, the scheduler and the step count, which dcfx checks wherever it runs
     the config (another model, scheduler or step count is refused), plus the rescale
     polynomial for `adaptive="accumulated"` and each adaptive signal's rank correlation with
@@ -55,9 +59,9 @@ def calibrate(
             raise TypeError("calibrate(unet, loop, ...) needs a function that runs generations with the U-Net it is given")
     else:
         pipe = target
-        if not hasattr(pipe, "unet") or not callable(pipe):
+        if not (hasattr(pipe, "unet") or hasattr(pipe, "transformer")) or not callable(pipe):
             raise TypeError(f"calibrate takes a diffusers pipeline or a U-Net, got {type(target).__name__}")
-        unet = pipe.unet
+        unet = getattr(pipe, pipelines.denoiser(pipe))
         scheduler = scheduler if scheduler is not None else getattr(pipe, "scheduler", None)
         prompts = list(inputs)  # type: ignore[arg-type]
         if not prompts:
@@ -68,7 +72,8 @@ def calibrate(
         raise ValueError(f"budget must be > 0 full-step equivalents, got {budget!r}")
     # Every step full (a warm-up longer than any generation), with the head split so that the
     # fresh feature at the cut is seen too.
-    record = DeepCacheConfig(branch=branch, adaptive="cut", warmup=1 << 30, fuse_cut=False)
+    record = DeepCacheConfig(branch=branch, first_blocks=first_blocks, last_blocks=last_blocks, adaptive="cut",
+                             warmup=1 << 30, fuse_cut=False)
     recorder = Recorder()
     with torch.no_grad():
         if pipe is not None:
@@ -85,8 +90,9 @@ def calibrate(
                 run_all(fast)
     num_steps = recorder.step_count()
     count = full_steps_for(budget, num_steps, _shallow_fraction(fast))
+    cut = fast.deepcache_config  # a transformer's cut filled in
     return fit(recorder.complete(), count, unet=unet, scheduler=scheduler, budget=budget, branch=branch,
-               forecast=forecast)
+               forecast=forecast, first_blocks=cut.first_blocks, last_blocks=cut.last_blocks)
 
 
 def _shallow_fraction(fast: DeepCacheUNet) -> float:

@@ -6,6 +6,9 @@ A *setting* is a config written short, as the demo, `dcfx serve` and the studies
                                     with a forecast of order K: 3:0, 5:0:nonuniform, 2:0:f1
     SIGNAL:B[:THRESHOLD][:fK]       adaptive gating on SIGNAL (cut, accumulated, latent): cut:0:0.15
 
+where a transformer's B is its cut FnBm (the first n and the last m blocks run): 3:F1B0,
+cut:F2B1:0.1; F1 alone leaves last_blocks unset, B1 alone first_blocks;
+
 then any other field as FIELD=VALUE (a Python literal, or a bare word for a string), separated
 by ':' or ','; or FIELD=VALUE items alone: `interval=2,branch=0,schedule=(0,3,7)`. `from_setting`
 reads one, `config.setting` writes the canonical one. "off" (no DeepCache, as `dcfx serve`
@@ -26,6 +29,8 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
+from .compile_options import CompileOptions
+
 SCHEDULES = ("uniform", "nonuniform")
 # Adaptive gating signals (see dcfx/policies.py): the change of the fresh feature at the cut
 # since the last full step, its step-to-step change accumulated (rescaled by a calibration),
@@ -39,7 +44,7 @@ Schedule = Union[str, Sequence[int]]
 
 @dataclass(frozen=True)
 class DeepCacheConfig:
-    """How dcfx runs DeepCache on a U-Net.
+    """How dcfx runs DeepCache on a U-Net or a diffusion transformer.
 
     Attributes:
         interval: N, one full step every N steps (uniform) or ceil(T/N) full steps
@@ -48,6 +53,7 @@ class DeepCacheConfig:
         branch: skip-connection index b whose up-path layer input is cached; 0 is the
             outermost (cheapest shallow step). The valid range depends on the model
             (`dcfx.report` lists it); an out-of-range branch fails at the first call.
+            U-Nets only: a transformer is cut by `first_blocks` and `last_blocks`.
         schedule: "uniform" (step i is full iff i % interval == 0), "nonuniform" (the
             paper's eq. 7, denser around `center`; needs the step count, see
             `DeepCacheUNet.begin` and `dcfx.enable`), or an explicit sequence of full
@@ -83,6 +89,12 @@ class DeepCacheConfig:
         forecast: 0 reuses the last full step's deep feature; 1 or 2 extrapolates it from the
             last 2 or 3 full steps (in timestep units, inside the shallow graph). Each order
             keeps one more cached tensor per stream.
+        first_blocks: transformers: Fn, the first blocks, which run on every step (>= 1);
+            None: 1. The blocks between them and the last `last_blocks` are cached as one
+            residual (their output minus their input), refreshed on full steps.
+        last_blocks: transformers: Bn, the last blocks, which run on every step (>= 0); None: 0
+            (None for both is First-Block-Cache's cut). Fn + Bn must be below the model's
+            block count (`dcfx.report` lists the cuts). U-Nets refuse both.
         calibration: set by `dcfx.calibrate`: what the explicit schedule was fitted for (the
             model, scheduler and step count); dcfx refuses to run it elsewhere.
     """
@@ -102,6 +114,8 @@ class DeepCacheConfig:
     max_shallow: int = 4
     rescale: tuple[float, ...] = ()
     forecast: int = 0
+    first_blocks: int | None = None
+    last_blocks: int | None = None
     calibration: "Calibration | None" = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,17 +168,31 @@ class DeepCacheConfig:
         if self.calibration is not None:
             raise ValueError("a calibrated config has no short setting: keep it with config.save(path)")
         if self.adaptive is not None:
-            parts = [self.adaptive, str(self.branch)] + ([repr(self.threshold)] if self.threshold is not None else [])
-            shown = {"adaptive", "branch", "threshold", "forecast"}
+            parts = [self.adaptive, self.cut_word] + ([repr(self.threshold)] if self.threshold is not None else [])
+            shown = {"adaptive", "threshold", "forecast"}
         else:
-            parts = [str(self.interval), str(self.branch)] + (["nonuniform"] if self.schedule == "nonuniform" else [])
-            shown = {"interval", "branch", "forecast"} | ({"schedule"} if isinstance(self.schedule, str) else set())
+            parts = [str(self.interval), self.cut_word] + (["nonuniform"] if self.schedule == "nonuniform" else [])
+            shown = {"interval", "forecast"} | ({"schedule"} if isinstance(self.schedule, str) else set())
+        shown |= {"branch", "first_blocks", "last_blocks"}
         parts += [f"f{self.forecast}"] if self.forecast else []
         for f in fields(self):
             value, default = getattr(self, f.name), f.default if f.default_factory is MISSING else f.default_factory()
             if f.name not in shown and value != default:
                 parts.append(f"{f.name}={_short_value(value)}")
         return ":".join(parts)
+
+    @property
+    def blocks_given(self) -> bool:
+        """Whether the config names a transformer cut (first_blocks or last_blocks)."""
+        return self.first_blocks is not None or self.last_blocks is not None
+
+    @property
+    def cut_word(self) -> str:
+        """The setting's B: the branch, or a transformer's cut FnBm (module docstring)."""
+        if not self.blocks_given:
+            return str(self.branch)
+        first = "" if self.first_blocks is None else f"F{self.first_blocks}"
+        return first + ("" if self.last_blocks is None else f"B{self.last_blocks}")
 
     @property
     def needs_head(self) -> bool:
@@ -181,6 +209,15 @@ class DeepCacheConfig:
         )
         object.__setattr__(self, "interval", interval)
         object.__setattr__(self, "branch", branch)
+        for name, least in (("first_blocks", 1), ("last_blocks", 0)):
+            if getattr(self, name) is not None:
+                value = integer(name, getattr(self, name), minimum=least, meaning="a transformer's blocks; None: default")
+                object.__setattr__(self, name, value)
+        if self.blocks_given and branch:
+            raise ValueError(
+                f"branch={branch} cuts a U-Net, first_blocks/last_blocks a transformer: give one or "
+                f"the other (got first_blocks={self.first_blocks}, last_blocks={self.last_blocks})"
+            )
         if isinstance(self.schedule, str):
             if self.schedule not in SCHEDULES:
                 raise ValueError(
@@ -268,60 +305,6 @@ class Calibration:
 
 
 
-class CompileOptions(Mapping[str, Any]):
-    """A read-only mapping of inductor options, hashable so that a `DeepCacheConfig` is.
-
-    Equal to any mapping with the same items (`== {"freezing": True}` holds), shown like a
-    dict. Values that are lists, sets or dicts are hashed by their contents.
-    """
-
-    __slots__ = ("_items", "_hash")
-
-    def __init__(self, options: Mapping[str, Any] = ()):
-        self._items = dict(options)
-        self._hash: int | None = None
-
-    def __getitem__(self, key: str) -> Any:
-        return self._items[key]
-
-    def __iter__(self):
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Mapping):
-            return self._items == dict(other)
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        if self._hash is None:
-            self._hash = hash(_frozen(self._items))
-        return self._hash
-
-    def __repr__(self) -> str:
-        return repr(self._items)
-
-    def __reduce__(self) -> tuple:
-        return (type(self), (self._items,))
-
-
-def _frozen(value: Any) -> Any:
-    """A hashable stand-in for an option value, equal for equal values."""
-    if isinstance(value, Mapping):
-        return frozenset((k, _frozen(v)) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return tuple(_frozen(v) for v in value)
-    if isinstance(value, (set, frozenset)):
-        return frozenset(_frozen(v) for v in value)
-    try:
-        hash(value)
-    except TypeError:
-        return (type(value).__name__, repr(value))
-    return value
-
-
 def integer(name: str, value: Any, minimum: int, meaning: str = "", kind: str = "an integer") -> int:
     """`value` as a Python int >= minimum; any integer type (numpy's too), never a bool."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < minimum:
@@ -358,11 +341,13 @@ _COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no
 
 SETTING_FORMS = "N:B[:nonuniform][:fK] (a fixed schedule) or SIGNAL:B[:THRESHOLD][:fK] (adaptive)"
 _FORECAST = re.compile(r"^f(\d+)$")
+_BLOCKS = re.compile(r"^(?=[FB])(?:F(\d+))?(?:B(\d+))?$")  # a transformer's cut: F1B0, F2, B1
 
 
 def _setting_error(text: Any, detail: str = "") -> ValueError:
     return ValueError(  # the valid forms, then what was wrong
-        f"setting {text!r} must be {SETTING_FORMS}, then any FIELD=VALUE (N:B is INTERVAL:BRANCH); "
+        f"setting {text!r} must be {SETTING_FORMS}, then any FIELD=VALUE (N:B is INTERVAL:BRANCH, "
+        f"or INTERVAL:FnBm for a transformer's first n and last m blocks, e.g. 3:F1B0); "
         f"signals {', '.join(SIGNALS)}, schedules {' or '.join(SCHEDULES)}, forecasts "
         f"{', '.join(f'f{k}' for k in FORECAST_ORDERS[1:])}; e.g. 3:0, 5:0:nonuniform, 2:0:f1, cut:0:0.15 "
         f"or interval=2,branch=0,schedule=(0,3,7)" + (f" ({detail})" if detail else "")
@@ -390,7 +375,11 @@ def _from_setting(cls: type, text: Any) -> DeepCacheConfig:
         given = {"adaptive": head} if head in SIGNALS else {"interval": head}
         if "interval" in given and not head.lstrip("-").isdigit():
             raise _setting_error(text, f"{head!r} is neither an interval nor a signal")
-        given["branch"] = branch
+        blocks = _BLOCKS.match(branch)
+        if blocks:
+            given.update((k, v) for k, v in zip(("first_blocks", "last_blocks"), blocks.groups()) if v is not None)
+        else:
+            given["branch"] = branch
         for option in options:
             forecast = _FORECAST.match(option)
             name = "forecast" if forecast else "threshold" if "adaptive" in given else "schedule"

@@ -23,7 +23,7 @@ from torch import fx
 from ._torch_private import pytree
 from .capture import UNET_PREFIX, module_path
 from .costs import GraphCost, graph_cost
-from .passes import CacheLayout
+from .passes import BlocksCut, CacheLayout, UNetCut
 from .passes.split import CACHE_INPUT
 
 # First line of every file `write` makes (`dcfx graphs` overwrites only files that start so).
@@ -53,7 +53,7 @@ class DeepCacheGraphs:
 
     @property
     def branch(self) -> int:
-        """The skip connection the U-Net is cut at."""
+        """The skip connection the U-Net is cut at (U-Nets; a transformer's cut is `layout.cut`)."""
         return self.layout.cut.branch
 
     @property
@@ -99,13 +99,13 @@ class DeepCacheGraphs:
         texts = {
             "full.py": _readable_code(
                 self.full,
-                f"dcfx full graph, branch {self.branch}: the whole U-Net, run on full steps.",
+                f"dcfx full graph, cut {self.layout.cut.label}: the whole model, run on full steps.",
                 f"Returns the U-Net's output leaves, then the {self.num_cached} cached tensor(s): {cached}.",
                 f"Input signature: {self.signature}",
             ),
             "shallow.py": _readable_code(
                 self.shallow,
-                f"dcfx shallow graph, branch {self.branch}: run on the steps between full steps.",
+                f"dcfx shallow graph, cut {self.layout.cut.label}: run on the steps between full steps.",
                 f"Takes the call's tensors, then the cached tensor(s) ({cached}); returns the output leaves.",
                 f"Input signature: {self.signature}",
             ),
@@ -114,7 +114,7 @@ class DeepCacheGraphs:
         if self.head is not None:
             texts["head.py"] = _readable_code(
                 self.head,
-                f"dcfx head graph, branch {self.branch}: run first on every step; its outputs feed the",
+                f"dcfx head graph, cut {self.layout.cut.label}: run first on every step; its outputs feed the",
                 "full graph (the rest) or the shallow graph (the tail), after the call's tensors.",
                 f"Input signature: {self.signature}",
             )
@@ -148,14 +148,23 @@ class Cut:
     is cut through.
     """
 
-    branch: int
-    num_skips: int  # skip connections of the U-Net (valid branches: 0..num_skips - 1)
+    record: UNetCut | BlocksCut  # the layout's cut
     consumer: str  # the up-path module reading the cached feature (the resnet at the cut)
     cached: tuple[CachedTensor, ...]  # the feature first, then what passes add (statistics)
     shallow_modules: tuple[str, ...]  # modules a shallow step runs
     skipped_modules: tuple[str, ...]  # modules only full steps run
     full_nodes: int  # operator (call_function) nodes of the full graph, as dcfx.report counts
     shallow_nodes: int  # the same for the shallow graph
+
+    @property
+    def branch(self) -> int:
+        """A U-Net's cut: its skip connection."""
+        return self.record.branch
+
+    @property
+    def num_skips(self) -> int:
+        """A U-Net's skip connections (valid branches: 0..num_skips - 1)."""
+        return self.record.num_skips
 
     @property
     def cached_bytes(self) -> int:
@@ -176,9 +185,11 @@ class Cut:
         ]
         share = self.shallow_nodes / self.full_nodes if self.full_nodes else float("nan")
         return "\n".join([
-            f"dcfx cut at branch {self.branch} (skip connections 0..{self.num_skips - 1})",
+            f"dcfx cut at {self.record.describe()}",
             f"  cached feature: output of {feature.producer or feature.op} on full steps; "
-            f"{self.consumer} takes it with skip connection s{self.branch}",
+            f"{self.consumer} takes it with skip connection s{self.branch}" if isinstance(self.record, UNetCut) else
+            f"  cached feature: what blocks {self.record.first_blocks}..{self.record.num_blocks - self.record.last_blocks - 1} "
+            f"add to the streams on full steps (their output minus their input), added back on shallow steps",
             "  cached tensors (written on full steps, read on shallow steps):",
             *table,
             _module_list(f"shallow steps run ({len(self.shallow_modules)}): ", self.shallow_modules),
@@ -246,8 +257,7 @@ def _describe_cut(graphs: DeepCacheGraphs) -> Cut:
     head = [graphs.head.graph] if graphs.head is not None else []
     shallow_modules, skipped_modules = _partition_modules([*head, full.graph], [*head, shallow.graph])
     return Cut(
-        branch=graphs.branch,
-        num_skips=graphs.layout.cut.num_skips,
+        record=graphs.layout.cut,
         consumer=_consumer(inputs[0]),
         cached=tuple(cached),
         shallow_modules=shallow_modules,

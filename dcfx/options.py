@@ -29,4 +29,5 @@ def pass_options(config: DeepCacheConfig, timestep_index: int | None = None) -> 
     """What the passes make of a captured call under `config`; `timestep_index` is the
     timestep's position among the call's tensors (a forecast reads it)."""
     fuse = config.fuse_cut and not fusion_disabled()
-    return PassOptions(config.branch, fuse, config.forecast, config.needs_head, timestep_index)
+    blocks = None if config.first_blocks is None else (config.first_blocks, config.last_blocks or 0)
+    return PassOptions(config.branch, fuse, config.forecast, config.needs_head, timestep_index, blocks)

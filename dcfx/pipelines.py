@@ -5,9 +5,12 @@
   generation, with its length, to the DeepCacheUNets listening to it (`Runtime.plan`), so no
   timestep is read per step. `detach` restores the class.
 - Saving: a pipeline records each component's class in its config; recorded as
-  DeepCacheUNet, the U-Net could be neither saved nor loaded. So `set_unet` swaps the module
+  DeepCacheUNet, the U-Net could be neither saved nor loaded. So `set_model` swaps the module
   without touching the record, and `save_plain_modules` makes `save_pretrained` save the
   plain module in dcfx's place.
+
+The denoiser is `pipe.unet`, or `pipe.transformer` in a pipeline without a U-Net (Flux, SD3,
+PixArt, ...): `denoiser(pipe)` names it.
 """
 
 from __future__ import annotations
@@ -42,31 +45,39 @@ def deepcache_unet(module: Any) -> DeepCacheUNet | None:
 # `save_pretrained` saves the plain module in dcfx's place, however it was assigned.
 
 
-def _uses_config_record(pipe: Any) -> bool:
-    """A diffusers pipeline (its config lists the U-Net), as opposed to any object with a .unet."""
+def denoiser(pipe: Any) -> str:
+    """The attribute holding `pipe`'s denoising model: "unet", else "transformer"."""
+    for name in ("unet", "transformer"):
+        if getattr(pipe, name, None) is not None:
+            return name
+    raise TypeError(f"{type(pipe).__name__} has neither a .unet nor a .transformer for dcfx to run")
+
+
+def _uses_config_record(pipe: Any, name: str = "unet") -> bool:
+    """A diffusers pipeline (its config lists the model), as opposed to any object with a .unet."""
     config = getattr(pipe, "config", None)
-    return isinstance(config, Mapping) and "unet" in config and not isinstance(pipe, nn.Module)
+    return isinstance(config, Mapping) and name in config and not isinstance(pipe, nn.Module)
 
 
 def _registered_class(pipe: Any, name: str = "unet") -> str | None:
-    entry = pipe.config.get(name) if _uses_config_record(pipe) else None
+    entry = pipe.config.get(name) if _uses_config_record(pipe, name) else None
     return entry[1] if isinstance(entry, (tuple, list)) and len(entry) == 2 else None
 
 
-def set_unet(pipe: Any, unet: nn.Module) -> None:
-    if _uses_config_record(pipe):
-        object.__setattr__(pipe, "unet", unet)  # past DiffusionPipeline.__setattr__'s config record
+def set_model(pipe: Any, name: str, model: nn.Module) -> None:
+    if _uses_config_record(pipe, name):
+        object.__setattr__(pipe, name, model)  # past DiffusionPipeline.__setattr__'s config record
     else:
-        pipe.unet = unet
+        setattr(pipe, name, model)
 
 
 def restore(pipe: Any, name: str, fast: DeepCacheUNet) -> None:
     """Put the module `fast` was given back as `pipe.<name>`, recorded in the pipeline's
     config as that module (a record diffusers made of dcfx's module is replaced)."""
-    if _uses_config_record(pipe) and _registered_class(pipe, name) != type(fast.unet).__name__:
+    if _uses_config_record(pipe, name) and _registered_class(pipe, name) != type(fast.unet).__name__:
         pipe.register_modules(**{name: fast.given})  # diffusers' own record of the plain module
-    elif name == "unet":
-        set_unet(pipe, fast.given)
+    elif name in ("unet", "transformer"):
+        set_model(pipe, name, fast.given)
     else:
         object.__setattr__(pipe, name, fast.given)
 
@@ -120,13 +131,14 @@ def save_plain_modules() -> None:
 class _Listener:
     """A pipeline's DeepCacheUNet, planned by the scheduler it listens to (both held weakly)."""
 
-    def __init__(self, pipe: Any, unet: DeepCacheUNet):
+    def __init__(self, pipe: Any, unet: DeepCacheUNet, name: str):
         self.pipe = weakref.ref(pipe)
         self.unet = weakref.ref(unet)
+        self.name = name
 
     def valid(self) -> bool:
         pipe, unet = self.pipe(), self.unet()
-        if pipe is None or unet is None or deepcache_unet(pipe.unet) is not unet:
+        if pipe is None or unet is None or deepcache_unet(getattr(pipe, self.name)) is not unet:
             return False
         if self not in _LISTENERS.get(pipe.scheduler, ()):
             _listen(pipe.scheduler, self)  # a new scheduler: it plans the next generation
@@ -135,9 +147,11 @@ class _Listener:
 
 
 def attach(pipe: Any, unet: DeepCacheUNet) -> None:
-    """`unet` becomes `pipe.unet`, its generations announced by `pipe.scheduler`."""
-    set_unet(pipe, unet)
-    _listen(pipe.scheduler, _Listener(pipe, unet))
+    """`unet` becomes the pipeline's denoiser (`pipe.unet` or `pipe.transformer`), its
+    generations announced by `pipe.scheduler`."""
+    name = denoiser(pipe)
+    set_model(pipe, name, unet)
+    _listen(pipe.scheduler, _Listener(pipe, unet, name))
 
 
 def detach(pipe: Any) -> None:

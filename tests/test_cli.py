@@ -255,3 +255,20 @@ def test_profile_and_graphs_bad_input(tmp_path, capsys):
     ):
         assert main(argv) == 2
         assert message in _error(capsys)
+
+
+def test_profile_and_graphs_take_the_flux_digits_transformer(tmp_path, capsys):
+    out = tmp_path / "g"
+    assert main(["graphs", "--model", "flux-digits", "--out", str(out), "--first-blocks", "1", "--last-blocks", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "FluxTransformer2DModel from flux-digits" in printed and "dcfx cut at F1B1 (the first 1 and the last 1 of 6" in printed
+    assert "only full steps run" in printed and "single_transformer_blocks" in printed
+    trace = tmp_path / "trace.json"
+    assert main(["profile", "--model", "flux-digits", "--steps", "4", "--interval", "2", "--trace", str(trace),
+                 "--device", "cpu", "--threads", "1", "--top", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "flow-matching Euler steps" in printed and "shallow/full step time" in printed
+    names = [e.get("name") for e in json.loads(trace.read_text())["traceEvents"]]
+    assert names.count("dcfx.full[F1B0]") == 2 and names.count("dcfx.shallow[F1B0]") == 2
+    assert main(["graphs", "--model", "flux-digits", "--out", str(tmp_path / "h"), "--branch", "1"]) == 2
+    assert "set first_blocks/last_blocks (Fn, Bn), not branch" in _error(capsys)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dcfx.costs import GraphCost, equivalents, full_steps_for, history_cost, spent
-from dcfx.passes import CacheLayout, UNetCut
+from dcfx.passes import BlocksCut, CacheLayout, UNetCut
 
 
 def test_a_generation_costs_its_full_calls_plus_its_shallow_ones_at_their_fraction():
@@ -51,6 +51,14 @@ def test_a_layout_travels_as_json_and_names_its_graphs():
     data["cut"]["family"] = "dit"
     with pytest.raises(ValueError, match="unknown cut family 'dit'; dcfx knows unet"):
         CacheLayout.from_dict(data)
+
+
+def test_a_transformer_cut_travels_in_the_layout():
+    layout = CacheLayout(BlocksCut(2, 1, 6), num_cached=1, forecast=2, timestep_index=3)
+    data = json.loads(json.dumps(layout.to_dict()))
+    assert data["cut"] == {"family": "transformer", "first_blocks": 2, "last_blocks": 1, "num_blocks": 6}
+    assert CacheLayout.from_dict(data) == layout
+    assert layout.cut.label == "F2B1" and "the first 2 and the last 1 of 6 transformer blocks" in layout.cut.describe()
 
 
 def test_a_plain_call_costs_what_the_full_graph_does():

@@ -178,6 +178,36 @@ def test_one_loader_takes_the_digits_model_and_pipeline_or_unet_folders(tmp_path
         model_kind(tmp_path / "empty")
 
 
+def test_the_loader_takes_the_flux_digits_model(tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    from dcfx.models import describe, load, model_kind
+    from dcfx.models.flux_digits import WEIGHTS_DIR as FLUX_WEIGHTS_DIR
+    from dcfx.models.flux_digits import FluxDigitsPipeline
+    from dcfx.models.loader import conditioning_tokens
+
+    assert model_kind("flux-digits") == "flux-digits" and describe("flux-digits") == "the Flux digits model"
+    assert isinstance(load("flux-digits"), FluxDigitsPipeline) and conditioning_tokens("flux-digits") == 4
+    assert isinstance(load("flux-digits", unet=True), FluxTransformer2DModel)
+    assert load("flux-digits", meta=True).device.type == "meta"
+    folder = tmp_path / "flux"
+    shutil.copytree(FLUX_WEIGHTS_DIR, folder)
+    assert model_kind(folder) == "flux-digits" and describe(folder) == f"the Flux digits model in {folder}"
+    assert isinstance(load(folder, unet=True), FluxTransformer2DModel)
+
+
+def test_example_call_of_a_flux_transformer_is_fluxpipelines():
+    from dcfx.models import example_call, load
+
+    model = load("flux-digits", meta=True)
+    call = example_call(model, 2, tokens=4)
+    assert not call.guided and len(call.args) == 1 and call.args[0].shape == (2, 64, 4)  # 8x8 tokens of 2x2 patches
+    assert call.kwargs["timestep"].shape == (2,) and call.kwargs["img_ids"].shape == (64, 3)
+    assert model(*call.args, **call.kwargs).sample.shape == (2, 64, 4)
+    with pytest.raises(ValueError, match="resolution must be even"):
+        example_call(model, 1, 15)
+
+
 def test_example_call_is_a_valid_call_of_the_unet():
     from dcfx.models import example_call, load
 

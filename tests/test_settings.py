@@ -30,6 +30,14 @@ from dcfx import DeepCacheConfig
          "3:0:compile_mode=max-autotune:warmup=3"),
         ("2:0:compile_options={'freezing': True}", DeepCacheConfig(interval=2, compile_options={"freezing": True}),
          "2:0:compile_options={'freezing': True}"),
+        # A transformer's cut in B's place: the first n and the last m blocks run.
+        ("3:F1B0", DeepCacheConfig(interval=3, first_blocks=1, last_blocks=0), "3:F1B0"),
+        ("5:F2B1:nonuniform:f1", DeepCacheConfig(interval=5, first_blocks=2, last_blocks=1, schedule="nonuniform",
+                                                 forecast=1), "5:F2B1:nonuniform:f1"),
+        ("cut:F1B1:0.1", DeepCacheConfig(adaptive="cut", first_blocks=1, last_blocks=1, threshold=0.1), "cut:F1B1:0.1"),
+        ("2:F3", DeepCacheConfig(interval=2, first_blocks=3), "2:F3"),
+        ("2:B1", DeepCacheConfig(interval=2, last_blocks=1), "2:B1"),
+        ("interval=2,first_blocks=2,last_blocks=0", DeepCacheConfig(interval=2, first_blocks=2, last_blocks=0), "2:F2B0"),
     ],
 )
 def test_a_setting_reads_as_its_config_and_writes_back_canonically(text, config, canonical):
@@ -53,12 +61,35 @@ def test_a_setting_reads_as_its_config_and_writes_back_canonically(text, config,
         ("3:0:interval=4", "interval given twice"),
         ("3:0:speed=2", "unknown field(s) speed"),
         (3, "a setting is a string"),
+        ("3:F0B0", "first_blocks must be an integer >= 1"),
+        ("3:F1B0:branch=1", "branch=1 cuts a U-Net, first_blocks/last_blocks a transformer"),
+        ("3:FB", "branch must be an integer, got 'FB'"),
     ],
 )
 def test_a_bad_setting_names_the_valid_forms(text, says):
     with pytest.raises(ValueError) as info:
         DeepCacheConfig.from_setting(text)
     assert says in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "fields, says",
+    [
+        (dict(first_blocks=0), "first_blocks must be an integer >= 1"),
+        (dict(last_blocks=-1), "last_blocks must be an integer >= 0"),
+        (dict(first_blocks=1.5), "first_blocks must be an integer >= 1"),
+        (dict(first_blocks=True), "first_blocks must be an integer >= 1"),
+        (dict(branch=2, last_blocks=1), "give one or the other"),
+    ],
+)
+def test_bad_transformer_cuts_are_refused_on_construction(fields, says):
+    with pytest.raises(ValueError, match=says):
+        DeepCacheConfig(**fields)
+
+
+def test_a_transformer_cut_survives_to_dict():
+    config = DeepCacheConfig(interval=4, first_blocks=2, last_blocks=1)
+    assert DeepCacheConfig.from_dict(config.to_dict()) == config
 
 
 def test_a_calibrated_config_has_no_setting():

@@ -19,7 +19,7 @@ import torch
 from ..api import optimize
 from ..config import DeepCacheConfig
 from ..inspection import WRITTEN_BY
-from ._model import DTYPES, add_model_arguments, build_model, model_call, native_resolution
+from ._model import DTYPES, add_model_arguments, build_model, cut_fields, model_call, native_resolution
 
 FILES = ("full.py", "shallow.py", "cut.txt")
 
@@ -56,14 +56,13 @@ def run(args: argparse.Namespace) -> str:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     if args.resolution is not None and args.resolution < 1:
         raise ValueError(f"--resolution must be >= 1, got {args.resolution}")
-    if args.branch < 0:
-        raise ValueError(f"--branch must be >= 0, got {args.branch}")
+    cut = cut_fields(args)
     check_out(args.out, args.force)
     meta, dtype = torch.device("meta"), DTYPES[args.dtype]
     unet, name = build_model(args, meta, dtype)
     resolution = args.resolution or native_resolution(args, unet)
     call_args, kwargs, _ = model_call(unet, args, resolution, meta, dtype)
-    fast = optimize(unet, DeepCacheConfig(branch=args.branch, fuse_cut=not args.no_fuse))
+    fast = optimize(unet, DeepCacheConfig(**cut, fuse_cut=not args.no_fuse))
     graphs = fast.graphs(*call_args, **kwargs)
     paths = graphs.write(args.out, overwrite=True)  # check_out refused what dcfx did not write
     text = (

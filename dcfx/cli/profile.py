@@ -33,13 +33,13 @@ from ..api import optimize
 from ..config import DeepCacheConfig
 from ..inspection import human_bytes
 from ..report import report
-from ._model import DTYPES, add_model_arguments, build_model, model_call, native_resolution, parse_device
+from ._model import DTYPES, add_model_arguments, build_model, cut_fields, model_call, native_resolution, parse_device
 
 FUSED_OP = "dcfx::cat_group_norm_silu"
 # The fused op's Triton kernels (dcfx.kernels: its own and the statistics kernel), eager or compiled.
 FUSED_KERNELS = ("_cat_group_norm_silu", "_group_partial_stats")
 CACHE_COPY = "dcfx.cache_copy"
-_STEP_RANGE = re.compile(r"^dcfx\.(full|shallow)\[b\d+\]$")
+_STEP_RANGE = re.compile(r"^dcfx\.(full|shallow)\[(b\d+|F\d+B\d+)\]$")  # a U-Net's branch, a transformer's cut
 # The trace file starts with this (our own key first), so a later run knows the file is ours.
 _TRACE_HEAD = '{"otherData":{"producer":"dcfx profile"'
 _GUIDANCE = 7.5
@@ -122,14 +122,14 @@ def _add(ops: dict[str, list[float]], name: str, us: float) -> None:
     entry[1] += 1
 
 
-def format_kind(kind: StepKind, top: int, cuda: bool, branch: int) -> str:
+def format_kind(kind: StepKind, top: int, cuda: bool, cut: str) -> str:
     """One step kind's table: the top operators (CUDA: kernels) by self time, per step."""
     clock = "GPU time of the kernels launched" if cuda else "CPU time"
     what = "kernel" if cuda else "operator"
     step_us = kind.per_step(kind.total_us)
     lines = [
         f"{kind.kind} steps: {_ms(step_us)} ms per step, averaged over {kind.steps} "
-        f"({clock} in the dcfx.{kind.kind}[b{branch}] ranges)"
+        f"({clock} in the dcfx.{kind.kind}[{cut}] ranges)"
     ]
     ranked = sorted(kind.ops.items(), key=lambda item: -item[1][0])
     shown = [item for item in ranked[:top] if item[1][0] > 0]
@@ -213,17 +213,23 @@ def write_trace(prof: Any, path: Path, info: dict[str, Any]) -> None:
 
 @torch.no_grad()
 def _generate(unet: nn.Module, call: tuple[tuple, dict, bool], steps: int, mark_steps: bool = False) -> torch.Tensor:
-    """A DDIM generation with guidance; `unet.begin(steps)` marks its start (no host syncs)."""
-    from diffusers import DDIMScheduler
+    """A DDIM generation with guidance (a transformer's: flow-matching Euler steps, the sigma
+    its timestep); `unet.begin(steps)` marks its start (no host syncs)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    (sample, _), kwargs, guided = call
-    scheduler = DDIMScheduler()
+    (sample, *_), kwargs, guided = call
+    flow = _flow(call)
+    scheduler = FlowMatchEulerDiscreteScheduler() if flow else DDIMScheduler()
     scheduler.set_timesteps(steps, device=sample.device)
     x = sample[: sample.shape[0] // 2] if guided else sample.clone()
-    x = x * scheduler.init_noise_sigma
+    x = x * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching starts at unit noise
     unet.begin(steps)
     for i, t in enumerate(scheduler.timesteps):
         with torch.profiler.record_function(f"step {i}") if mark_steps else contextlib.nullcontext():
+            if flow:
+                sigma = (t / 1000).expand(x.shape[0]).to(x.dtype)
+                x = scheduler.step(unet(x, return_dict=False, **{**kwargs, "timestep": sigma})[0], t, x).prev_sample
+                continue
             model_input = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
             eps = unet(model_input, t, return_dict=False, **kwargs)[0]
             if guided:
@@ -231,6 +237,11 @@ def _generate(unet: nn.Module, call: tuple[tuple, dict, bool], steps: int, mark_
                 eps = uncond + _GUIDANCE * (cond - uncond)
             x = scheduler.step(eps, t, x).prev_sample
     return x
+
+
+def _flow(call: tuple[tuple, dict, bool]) -> bool:
+    """A transformer's call (the timestep a keyword): sampled by flow matching."""
+    return "timestep" in call[1]
 
 
 def _flop_ratio(unet: nn.Module, call: tuple[tuple, dict, bool], config: DeepCacheConfig, steps: int) -> tuple[float, Any]:
@@ -242,8 +253,8 @@ def _flop_ratio(unet: nn.Module, call: tuple[tuple, dict, bool], config: DeepCac
     twin.eval()
     args, kwargs, _ = call
     meta = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x  # noqa: E731
-    r = report(twin, *pytree.tree_map(meta, args), config=config, num_steps=steps, branches=[config.branch],
-               **pytree.tree_map(meta, kwargs))
+    rows = {"cuts": [(config.first_blocks, config.last_blocks)]} if config.blocks_given else {"branches": [config.branch]}
+    r = report(twin, *pytree.tree_map(meta, args), config=config, num_steps=steps, **rows, **pytree.tree_map(meta, kwargs))
     return r.branches[0].shallow_fraction, r.branches[0]
 
 
@@ -267,8 +278,7 @@ def run(args: argparse.Namespace) -> str:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.resolution is not None and args.resolution < 1:
         raise ValueError(f"--resolution must be >= 1, got {args.resolution}")
-    if args.branch < 0:
-        raise ValueError(f"--branch must be >= 0, got {args.branch}")
+    cut_fields(args)
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -292,15 +302,16 @@ def _run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, not
     native = native_resolution(args, unet)
     resolution = args.resolution or (native if cuda else min(native, 32))
     call = model_call(unet, args, resolution, device, dtype)
-    config = DeepCacheConfig(interval=args.interval, branch=args.branch, compile=args.compile)
-    fast = optimize(unet, config)
+    fast = optimize(unet, DeepCacheConfig(interval=args.interval, **cut_fields(args), compile=args.compile))
+    config = fast.deepcache_config  # a transformer's cut filled in
 
     start = time.perf_counter()
     _generate(fast, call, min(args.steps, _WARMUP_STEPS))
     if cuda:
         torch.cuda.synchronize(device)
     warmup_s = time.perf_counter() - start
-    cut = fast.graphs(*call[0], **call[1]).cut
+    graphs = fast.graphs(*call[0], **call[1])
+    cut, label = graphs.cut, graphs.layout.cut.label
 
     activities = [torch.profiler.ProfilerActivity.CPU]
     if cuda:
@@ -316,9 +327,10 @@ def _run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, not
 
     batch = call[0][0].shape[0]
     head = (
-        f"dcfx profile: {model_name}, latent {resolution}x{resolution}, U-Net batch {batch}"
-        f"{f' ({args.batch} prompt{_s(args.batch)} x guidance)' if call[2] else ''}, {args.steps} DDIM steps, "
-        f"interval {args.interval}, branch {args.branch}, {'compiled' if args.compile else 'eager'} graphs, "
+        f"dcfx profile: {model_name}, latent {resolution}x{resolution}, model batch {batch}"
+        f"{f' ({args.batch} prompt{_s(args.batch)} x guidance)' if call[2] else ''}, {args.steps} "
+        f"{'flow-matching Euler' if _flow(call) else 'DDIM'} steps, interval {args.interval}, "
+        f"{graphs.layout.cut.describe()}, {'compiled' if args.compile else 'eager'} graphs, "
         f"{args.dtype} on {device}{'' if cuda else f', torch threads {torch.get_num_threads()}'}"
     )
     lines = [
@@ -326,12 +338,12 @@ def _run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, not
         f"warm-up ({min(args.steps, _WARMUP_STEPS)} steps: capture{', compile' if args.compile else ''}) "
         f"{warmup_s:.1f} s; profiled generation {profiled_s:.2f} s ({fast.history[-1]}), "
         f"times below are under the profiler (it adds a little per operator)",
-        f"cut: {cut.consumer} reads the cached feature ({human_bytes(cut.cached_bytes)} per call slot); "
+        f"cut: {cut.consumer or 'the block after the cached ones'} reads the cached feature ({human_bytes(cut.cached_bytes)} per call slot); "
         f"shallow steps skip {', '.join(cut.skipped_modules)}",
     ]
     for kind in kinds.values():
         if kind.steps:
-            lines += ["", format_kind(kind, args.top, cuda, args.branch)]
+            lines += ["", format_kind(kind, args.top, cuda, label)]
     full, shallow = kinds["full"], kinds["shallow"]
     lines.append("")
     if full.steps and shallow.steps:
@@ -345,14 +357,14 @@ def _run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, not
         lines.append(f"no shallow steps in {args.steps} steps at interval {args.interval}: nothing to compare "
                      f"(FLOP ratio shallow/full {flop_ratio:.3f})")
     write_trace(prof, args.trace, {
-        "command": head, "steps": fast.history[-1], "branch": args.branch, "interval": args.interval,
+        "command": head, "steps": fast.history[-1], "cut": label, "interval": args.interval,
     })
     size_mb = args.trace.stat().st_size / 2**20
     if note:
         lines.append(note)
     lines.append(
         f"trace: {args.trace} ({size_mb:.1f} MiB); open it in https://ui.perfetto.dev or "
-        f"chrome://tracing (steps are 'step N' ranges, graphs dcfx.full[b{args.branch}] / dcfx.shallow[b{args.branch}])"
+        f"chrome://tracing (steps are 'step N' ranges, graphs dcfx.full[{label}] / dcfx.shallow[{label}])"
     )
     text = "\n".join(lines)
     print(text)

@@ -1,9 +1,15 @@
-"""One example call of a diffusers U-Net, built from its config: `example_call(unet)`.
+"""One example call of a diffusers U-Net (or a Flux transformer), built from its config:
+`example_call(unet)`.
 
 What `dcfx.report`, `DeepCacheUNet.graphs`, `dcfx.package` and the commands need when there is
 no pipeline at hand to record a call from: a sample of the model's shape, a timestep and
 random conditioning of the widths its config names (text, SDXL's added text and time
 embeddings, class labels). Any device, meta included (then nothing is computed).
+
+A `FluxTransformer2DModel` is called as FluxPipeline calls it: packed latent tokens (2x2
+patches) as the sample, the sigma as the timestep (keyword, like everything but the sample),
+text tokens and their pooled projection, rotary ids, and guidance where the model embeds it.
+True classifier-free guidance is two calls there, so its example is never `guided`.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from .loader import TEXT_TOKENS
 
 class ExampleCall(NamedTuple):
     """`unet(*args, **kwargs)`; `guided`: the batch is classifier-free guidance's two halves
-    (unconditional first), one row each per prompt."""
+    (unconditional first), one row each per prompt. `args` is (sample, timestep), or (sample,)
+    with the timestep in `kwargs` (a transformer's call)."""
 
     args: tuple
     kwargs: dict[str, Any]
@@ -46,6 +53,8 @@ def example_call(
     and `dtype` default to the U-Net's. Raises ValueError for conditioning it cannot make up
     (class embeddings without labels, image or other added embeddings).
     """
+    if type(unet).__name__ == "FluxTransformer2DModel":
+        return _flux_call(unet, batch, resolution or 16, tokens, timestep, device, dtype, seed)
     cfg = unet.config
     params = inspect.signature(unet.forward).parameters
     texts = "encoder_hidden_states" in params
@@ -84,3 +93,28 @@ def example_call(
         elif added is not None:
             raise ValueError(f"{where}: addition_embed_type={added!r} is not supported here (None or 'text_time')")
     return ExampleCall((sample, torch.tensor(timestep, device=device)), kwargs, guided)
+
+
+def _flux_call(model: nn.Module, batch: int, resolution: int, tokens: int, timestep: int,
+               device: torch.device | str | None, dtype: torch.dtype | None, seed: int) -> ExampleCall:
+    """FluxPipeline's call for a `resolution` x `resolution` latent (default 16: the Flux
+    digits model's pixels) packed into (resolution / 2)^2 tokens."""
+    cfg = model.config
+    if resolution % 2:
+        raise ValueError(f"FluxTransformer2DModel packs 2x2 patches: the resolution must be even, got {resolution}")
+    first = next(iter(model.parameters()))
+    device, dtype = torch.device(device) if device is not None else first.device, dtype or first.dtype
+    gen = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)  # noqa: E731
+    side = resolution // 2
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    kwargs: dict[str, Any] = dict(
+        encoder_hidden_states=randn(batch, tokens, cfg.joint_attention_dim),
+        pooled_projections=randn(batch, cfg.pooled_projection_dim),
+        timestep=torch.full((batch,), timestep / 1000, device=device, dtype=dtype),
+        img_ids=torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(device=device, dtype=dtype),
+        txt_ids=torch.zeros(tokens, 3, device=device, dtype=dtype),
+    )
+    if cfg.guidance_embeds:
+        kwargs["guidance"] = torch.full((batch,), 3.5, device=device, dtype=dtype)
+    return ExampleCall((randn(batch, side * side, cfg.in_channels),), kwargs, False)

@@ -1,10 +1,13 @@
 """One loader for the models dcfx's commands take: `load(model)`.
 
-`model` names the embedded digits model (None or "digits"), or a local folder: a digits model
-folder (`model_index.json` of a `DigitsPipeline`, as `train_digits` writes it), another
+`model` names the embedded digits model (None or "digits"), the embedded Flux-shaped digits
+model ("flux-digits", a `FluxDigitsPipeline` around a `FluxTransformer2DModel`), or a local
+folder: a digits model folder (`model_index.json` of a `DigitsPipeline` or a
+`FluxDigitsPipeline`, as `train_digits` / `train_flux_digits` write them), another
 diffusers pipeline folder (`model_index.json`), or a diffusers U-Net folder (`config.json` of a
 `UNet2DConditionModel` or `UNet2DModel`, in the folder or in its `unet/`). Nothing is
-downloaded. `model_kind` and `describe` say what a name is without loading it.
+downloaded. `model_kind` and `describe` say what a name is without loading it. The
+*denoiser* is a pipeline's `unet`, or its `transformer` (the Flux digits model's).
 """
 
 from __future__ import annotations
@@ -17,9 +20,13 @@ from typing import Any
 import torch
 
 from .digits import TOKENS_PER_CLASS, WEIGHTS_DIR, digits, load_pipeline
+from .flux_digits import WEIGHTS_DIR as FLUX_WEIGHTS_DIR
+from .flux_digits import load_flux_digits
 
 DIGITS = "digits"
+FLUX_DIGITS = "flux-digits"
 UNET_CLASSES = ("UNet2DConditionModel", "UNet2DModel")
+DENOISER_FOLDERS = ("unet", "transformer")  # where a pipeline folder keeps its denoiser
 TEXT_TOKENS = 77  # text-encoder sequence length of SD-style pipelines
 _TAKES = (
     "a diffusers pipeline folder (model_index.json, e.g. of a DigitsPipeline), or a U-Net folder "
@@ -29,7 +36,8 @@ _TAKES = (
 
 def model_kind(model: str | os.PathLike | None) -> str:
     """What `model` names: "digits" (the digits model, embedded or a folder of it),
-    "pipeline" (another diffusers pipeline folder) or "unet" (a U-Net folder). Raises
+    "flux-digits" (likewise), "pipeline" (another diffusers pipeline folder) or "unet" (a
+    U-Net folder). Raises
     FileNotFoundError for a missing folder and ValueError for a folder of something else."""
     return _resolve(model)[0]
 
@@ -37,8 +45,9 @@ def model_kind(model: str | os.PathLike | None) -> str:
 def describe(model: str | os.PathLike | None) -> str:
     """`model` in words, for messages: "the digits model", "StableDiffusionPipeline from PATH"."""
     kind, name, root = _resolve(model)
-    if kind == DIGITS:
-        return "the digits model" if root == WEIGHTS_DIR else f"the digits model in {model}"
+    if kind in (DIGITS, FLUX_DIGITS):
+        what = "the digits model" if kind == DIGITS else "the Flux digits model"
+        return what if root in (WEIGHTS_DIR, FLUX_WEIGHTS_DIR) else f"{what} in {model}"
     return f"{name} from {model}"
 
 
@@ -47,9 +56,10 @@ def load(model: str | os.PathLike | None = None, *, unet: bool = False, meta: bo
     """The model `model` names (module docstring), in eval mode: a pipeline for pipeline
     folders and the digits model, a U-Net for U-Net folders.
 
-    `unet`: the U-Net only (a pipeline folder's `unet/`; nothing else is read). `meta`: the
-    U-Net only, built from its config on the meta device (no weights read or initialised:
-    enough for graphs and FLOPs). `dtype`: the floating-point type of what is returned.
+    `unet`: the denoiser only (a pipeline folder's `unet/` or `transformer/`; nothing else is
+    read). `meta`: the denoiser only, built from its config on the meta device (no weights read
+    or initialised: enough for graphs and FLOPs). `dtype`: the floating-point type of what is
+    returned.
     """
     kind, name, root = _resolve(model)
     if unet or meta or kind == "unet":
@@ -68,22 +78,24 @@ def load(model: str | os.PathLike | None = None, *, unet: bool = False, meta: bo
         out = out.eval()
     elif kind == DIGITS:
         out = digits() if root == WEIGHTS_DIR else load_pipeline(root)
+    elif kind == FLUX_DIGITS:
+        out = load_flux_digits(root)
     else:
         from diffusers import DiffusionPipeline
 
         out = DiffusionPipeline.from_pretrained(root)
-        if not hasattr(out, "unet"):
-            raise ValueError(f"{model}: {name} has no U-Net, so dcfx has nothing to cache")
+        if not any(getattr(out, f, None) is not None for f in DENOISER_FOLDERS):
+            raise ValueError(f"{model}: {name} has no U-Net or transformer, so dcfx has nothing to cache")
     if dtype is not None and getattr(out, "dtype", dtype) != dtype:
         out = out.to(dtype=dtype)
     return out
 
 
 def conditioning_tokens(model: str | os.PathLike | None) -> int:
-    """How many conditioning tokens `model`'s pipeline gives its U-Net per row: the digits
-    model's label tokens, else a text encoder's 77."""
+    """How many conditioning tokens `model`'s pipeline gives its denoiser per row: the digits
+    models' label tokens, else a text encoder's 77."""
     kind, _, root = _resolve(model)
-    if kind != DIGITS:
+    if kind not in (DIGITS, FLUX_DIGITS):
         return TEXT_TOKENS
     return int(read_json(root / "label_embedding" / "config.json").get("tokens_per_class", TOKENS_PER_CLASS))
 
@@ -101,12 +113,15 @@ def _resolve(model: str | os.PathLike | None) -> tuple[str, str, Path]:
     """(kind, class name, folder) of `model`."""
     if model is None or (str(model) == DIGITS and not Path(model).exists()):
         return DIGITS, "DigitsPipeline", WEIGHTS_DIR
+    if str(model) == FLUX_DIGITS and not Path(model).exists():
+        return FLUX_DIGITS, "FluxDigitsPipeline", FLUX_WEIGHTS_DIR
     root = Path(model)
     if not root.is_dir():
-        raise FileNotFoundError(f"{model}: no such folder (expected {_TAKES}, or {DIGITS!r})")
+        raise FileNotFoundError(f"{model}: no such folder (expected {_TAKES}, or {DIGITS!r} or {FLUX_DIGITS!r})")
     pipeline = read_json(root / "model_index.json").get("_class_name")
     if pipeline is not None:
-        return (DIGITS if pipeline == "DigitsPipeline" else "pipeline"), str(pipeline), root
+        kinds = {"DigitsPipeline": DIGITS, "FluxDigitsPipeline": FLUX_DIGITS}
+        return kinds.get(pipeline, "pipeline"), str(pipeline), root
     folder = _unet_folder(root)
     if folder is None:
         raise ValueError(f"{model} is not a diffusers U-Net or pipeline folder: expected {_TAKES}")
@@ -114,8 +129,16 @@ def _resolve(model: str | os.PathLike | None) -> tuple[str, str, Path]:
 
 
 def _unet_folder(root: Path) -> Path | None:
-    """The folder with the U-Net's config.json: `root` itself or its unet/."""
-    return next((f for f in (root, root / "unet") if _class_name(f / "config.json") in UNET_CLASSES), None)
+    """The folder with the denoiser's config.json: `root` itself (a U-Net), or its unet/ or
+    transformer/ (a supported transformer class)."""
+    if _class_name(root / "config.json") in UNET_CLASSES:
+        return root
+    return next((f for f in (root / name for name in DENOISER_FOLDERS) if _denoiser(_class_name(f / "config.json"))), None)
+
+
+def _denoiser(name: str | None) -> bool:
+    # Any diffusion transformer class: dcfx.optimize names the ones it supports.
+    return name in UNET_CLASSES or (name or "").endswith(("Transformer2DModel", "Transformer3DModel"))
 
 
 def _class_name(config: Path) -> str | None:

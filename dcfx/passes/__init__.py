@@ -14,10 +14,11 @@ from torch import fx
 
 from .forecast import FORECAST_META, forecast
 from .fuse import cache_cut_stats, fuse_cut
-from .layout import HEADED, PAIR, CacheLayout, UNetCut
+from .layout import HEADED, PAIR, BlocksCut, CacheLayout, UNetCut
 from .split import CACHED_OUTPUTS, split, split_head
+from .split_dit import split_dit, split_dit_head
 
-__all__ = ["CacheLayout", "PassOptions", "PassOutput", "UNetCut", "build_graphs", "deepcache_graphs"]
+__all__ = ["BlocksCut", "CacheLayout", "PassOptions", "PassOutput", "UNetCut", "build_graphs", "deepcache_graphs"]
 
 
 def deepcache_graphs(gm: fx.GraphModule, branch: int, fuse: bool) -> tuple[fx.GraphModule, fx.GraphModule]:
@@ -39,6 +40,7 @@ class PassOptions:
     forecast: int = 0  # forecast order of the shallow graph (0: the feature is reused)
     head: bool = False  # head, rest and tail instead of full and shallow (adaptive gating)
     timestep_index: int | None = None  # the timestep's placeholder (a forecast needs it)
+    blocks: tuple[int, int] | None = None  # a transformer's (Fn, Bn): its split rule; None: a U-Net's
 
 
 @dataclass
@@ -52,13 +54,17 @@ class PassOutput:
 
 def build_graphs(gm: fx.GraphModule, options: PassOptions) -> PassOutput:
     """Run the passes on captured graph `gm` (not modified) for `options`."""
+    if options.blocks is not None:
+        parts = (split_dit_head if options.head else split_dit)(gm, *options.blocks)
+        cut = BlocksCut(*options.blocks, parts.num_blocks)
+    else:
+        parts = (split_head if options.head else split)(gm, options.branch)
+        cut = UNetCut(options.branch, parts.num_skips)
     if options.head:
-        parts = split_head(gm, options.branch)
         full, shallow = parts.rest, parts.tail
         extra = {"head": parts.head}
         boundary, cut_index = parts.num_boundary, parts.skip_index
     else:
-        parts = split(gm, options.branch)
         full, shallow = parts.full, parts.shallow
         extra, boundary, cut_index = {}, 0, -1
     if options.fuse:
@@ -71,7 +77,7 @@ def build_graphs(gm: fx.GraphModule, options: PassOptions) -> PassOutput:
         shallow = forecast(shallow, options.forecast, options.timestep_index)
     names = HEADED if options.head else PAIR
     layout = CacheLayout(
-        cut=UNetCut(options.branch, parts.num_skips),
+        cut=cut,
         graphs=names,
         num_cached=full.meta.get(CACHED_OUTPUTS, 1),
         forecast=shallow.meta.get(FORECAST_META, 0),

@@ -3,16 +3,20 @@
 `build_graphs` makes it once, next to the graphs; the runtime's entries, `DeepCacheGraphs`,
 AOT packages (their manifest stores it), `dcfx.costs` and inspection read it whole.
 
-The cut is described by a small record per model family (`UNetCut`: a skip connection),
-so that another family's split rule adds its own cut record and nothing else changes.
+The cut is described by a small record per model family (`UNetCut`: a skip connection;
+`BlocksCut`: a transformer's first and last blocks), so that another family's split rule adds
+its own cut record and nothing else changes.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Sequence, Union
 
 import torch
+
+from ..config import DeepCacheConfig
+from .families import DEFAULT_FIRST_BLOCKS, DEFAULT_LAST_BLOCKS
 
 # The graphs of a fixed or latent-gated policy, and of a head-gated one.
 PAIR = ("full", "shallow")
@@ -32,8 +36,44 @@ class UNetCut:
         """Short name of the cut, for profiler ranges: 'b0'."""
         return f"b{self.branch}"
 
+    def describe(self) -> str:
+        """The cut in words, for reports and inspection."""
+        return f"branch {self.branch} (skip connections 0..{self.num_skips - 1})"
 
-_CUTS: dict[str, type] = {UNetCut.family: UNetCut}
+    def runs(self, config: DeepCacheConfig) -> bool:
+        """Whether `config` asks for this cut."""
+        return not config.blocks_given and config.branch == self.branch
+
+
+@dataclass(frozen=True)
+class BlocksCut:
+    """A transformer cut after its first `first_blocks` blocks and before its last
+    `last_blocks` of `num_blocks`, the middle cached as a residual (see `passes.split_dit`)."""
+
+    family: ClassVar[str] = "transformer"
+    first_blocks: int
+    last_blocks: int
+    num_blocks: int
+
+    @property
+    def label(self) -> str:
+        """Short name of the cut, for profiler ranges: 'F1B0'."""
+        return f"F{self.first_blocks}B{self.last_blocks}"
+
+    def describe(self) -> str:
+        """The cut in words, for reports and inspection."""
+        return (f"{self.label} (the first {self.first_blocks} and the last {self.last_blocks} of "
+                f"{self.num_blocks} transformer blocks run, the middle is cached)")
+
+    def runs(self, config: DeepCacheConfig) -> bool:
+        """Whether `config` asks for this cut (unset fields: the defaults, `families`)."""
+        fn = DEFAULT_FIRST_BLOCKS if config.first_blocks is None else config.first_blocks
+        bn = DEFAULT_LAST_BLOCKS if config.last_blocks is None else config.last_blocks
+        return not config.branch and (fn, bn) == (self.first_blocks, self.last_blocks)
+
+
+Cut = Union[UNetCut, BlocksCut]
+_CUTS: dict[str, type] = {UNetCut.family: UNetCut, BlocksCut.family: BlocksCut}
 
 
 @dataclass(frozen=True)
@@ -41,7 +81,7 @@ class CacheLayout:
     """What a graph set caches and how.
 
     Attributes:
-        cut: where the model is cut (a family's cut record, e.g. `UNetCut`).
+        cut: where the model is cut (a family's cut record: `UNetCut`, `BlocksCut`).
         graphs: the graphs by kind: ("full", "shallow"), or ("head", "rest", "tail") for
             policies that decide after the head. full(*inputs) -> outputs + cached;
             shallow(*inputs, *cached_inputs) -> outputs; head(*inputs) -> boundary, and rest
@@ -55,7 +95,7 @@ class CacheLayout:
         timestep_index: the timestep's position among the graphs' inputs (None: not a tensor).
     """
 
-    cut: UNetCut
+    cut: Cut
     graphs: tuple[str, ...] = PAIR
     num_cached: int = 1
     forecast: int = 0

@@ -126,6 +126,7 @@ class DiTHeadSplit:
     bn: int
     num_boundary: int
     skip_index: int  # which boundary output is the signal (the head's image-stream residual)
+    num_blocks: int
 
 
 def find_blocks(graph: fx.Graph) -> list[Block]:
@@ -170,7 +171,7 @@ def split_dit_head(gm: fx.GraphModule, fn: int, bn: int) -> DiTHeadSplit:
         return node
 
     head, rest, tail, names = cut_head(gm, _full_graph(gm, cut), _shallow_graph(gm, cut), signal)
-    return DiTHeadSplit(head, rest, tail, fn, bn, len(names), len(names) - 1)
+    return DiTHeadSplit(head, rest, tail, fn, bn, len(names), len(names) - 1, len(cut.blocks))
 
 
 class _Cut:

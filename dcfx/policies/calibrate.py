@@ -105,9 +105,10 @@ class Recorder:
 
 
 def fit(runs: list[Run], count: int, *, unet: nn.Module, scheduler: Any, budget: float, branch: int,
-        forecast: int) -> DeepCacheConfig:
+        forecast: int, first_blocks: int | None = None, last_blocks: int | None = None) -> DeepCacheConfig:
     """The explicit-schedule config with `count` full steps that `runs` (all of one step count)
-    call for, with its `Calibration` record (see the module docstring)."""
+    call for, at the cut `branch` (a transformer's: `first_blocks`, `last_blocks`), with its
+    `Calibration` record (see the module docstring)."""
     num_steps = len(runs[0].features)
     error = np.zeros((num_steps, num_steps))
     for run in runs:
@@ -127,7 +128,8 @@ def fit(runs: list[Run], count: int, *, unet: nn.Module, scheduler: Any, budget:
         rescale=rescale,
         correlations=correlations,
     )
-    return DeepCacheConfig(schedule=schedule, branch=branch, forecast=forecast, calibration=calibration)
+    return DeepCacheConfig(schedule=schedule, branch=branch, forecast=forecast, first_blocks=first_blocks,
+                           last_blocks=last_blocks, calibration=calibration)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -15,6 +15,9 @@ first.
 Exports are bounded: a generation that would export more than `max_exports` times (an argument
 that changes every step and cannot be a graph input) gets one warning naming the argument and
 runs the plain U-Net for the rest of that generation.
+
+A cut whose shallow graph costs more than half the full graph's FLOPs saves little: the first
+such cut built for a model gets one warning with `dcfx.report`'s figure (once per model).
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ MAX_STATES = 8
 # pass options, so wrappers of one U-Net (one per branch while choosing one) share them.
 _SHARED: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 _SERIAL = itertools.count()
+# Per model: the cuts whose cost was checked, or None once one warned (`_warn_costly_cut`).
+_COST_CHECKED: weakref.WeakKeyDictionary[nn.Module, set | None] = weakref.WeakKeyDictionary()
+COSTLY_FRACTION = 0.5  # a shallow graph above this fraction of the full graph's FLOPs warns
 
 
 class Precompiled:
@@ -278,11 +284,13 @@ class EntryCache:
         graphs: PassOutput | None = shared.get(graphs_key)
         if graphs is None:
             graphs = shared[graphs_key] = build_graphs(cap.graph_module, options)
-        return Entry(
+        entry = Entry(
             call.key, cap.out_spec, {k: LazyCompiled(g, k) for k, g in graphs.graphs.items()}, graphs.layout,
             cuda=any(t.is_cuda for t in call.tensors),
             example=tuple(torch.empty_like(t, device="meta") for t in call.tensors),
         )
+        _warn_costly_cut(self.unet, entry)
+        return entry
 
     def preload(self, model: PackagedModel) -> None:
         """Run `model`'s precompiled graphs for calls with its signature, and refuse others."""
@@ -291,3 +299,23 @@ class EntryCache:
             cuda=any(leaf[0] == "T" and torch.device(leaf[3]).type == "cuda" for leaf in model.key[1]),
         )
         self.preloaded = (model.key, model.signature, entry)
+
+
+def _warn_costly_cut(model: nn.Module, entry: Entry) -> None:
+    """Warn, once per model, when the entry's shallow graph costs more than `COSTLY_FRACTION`
+    of its full graph's FLOPs (each cut is counted once, on meta tensors)."""
+    checked = _COST_CHECKED.setdefault(model, set())
+    if checked is None or entry.layout.cut in checked:
+        return
+    checked.add(entry.layout.cut)
+    cost = entry.cost()
+    if cost is None or not cost.shallow_fraction > COSTLY_FRACTION:
+        return
+    _COST_CHECKED[model] = None
+    warnings.warn(
+        f"dcfx: {type(model).__name__} at {entry.layout.cut.describe()}: the shallow graph costs "
+        f"{100 * cost.shallow_fraction:.1f}% of the full graph's FLOPs (dcfx.report's shallow/full), so a "
+        f"shallow step saves less than half of a full one; dcfx.report lists cheaper cuts",
+        RuntimeWarning,
+        stacklevel=9,
+    )

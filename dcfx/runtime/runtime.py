@@ -21,6 +21,7 @@ from ..capture import Call, CallBinder
 from ..compile import Compiler, from_config, outer
 from ..config import DeepCacheConfig
 from ..costs import GraphCost, Spent
+from ..passes import families
 from ..policies import Policy
 from .entries import Entry, EntryCache, PackagedModel
 from .run import FullStep, StepPhases, take_step
@@ -33,6 +34,8 @@ class Runtime:
     """The calls of one model under one config (see the module docstring)."""
 
     def __init__(self, unet: Any, config: DeepCacheConfig, compiler: Compiler | None = None):
+        if not isinstance(unet, PackagedModel):  # a package's config was resolved when it was built
+            config = families.resolve(config, unet)
         self.unet = unet
         self.config = config
         self.compiler = compiler if compiler is not None else from_config(config)

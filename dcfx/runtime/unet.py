@@ -124,7 +124,8 @@ class DeepCacheUNet(nn.Module):
     def extra_repr(self) -> str:
         c = self.runtime.config
         policy = f"adaptive={c.adaptive!r}" if c.adaptive else f"interval={c.interval}, schedule={c.schedule!r}"
-        return f"{policy}, branch={c.branch}, forecast={c.forecast}, compile={c.compile}"
+        cut = f"first_blocks={c.first_blocks}, last_blocks={c.last_blocks}" if c.blocks_given else f"branch={c.branch}"
+        return f"{policy}, {cut}, forecast={c.forecast}, compile={c.compile}"
 
     def _apply(self, fn, recurse=True):
         # .to(), .half(), ...: graphs bake in dtypes and devices, so a real change switches to
