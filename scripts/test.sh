@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets everything up on a fresh machine, then runs the test suite (CPU; GPU tests skip).
 # --fast (first argument): the fast tier, no test that starts an interpreter or Ray, compiles
-# with inductor, builds an AOT package or samples the trained model (pyproject.toml's markers).
+# with inductor, builds an AOT package, samples the trained model or runs for seconds
+# (pyproject.toml's markers).
 # DCFX_DEPS=latest: in .venv-latest with the newest versions pyproject.toml allows (see
 # scripts/setup.sh). Extra arguments go to pytest (after ours: `-n 0` runs in one process).
 # The tests run one torch thread each, so two pytest-xdist workers use both cores of a 2-core
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 tier=()
 if [ "${1:-}" = --fast ]; then
     shift
-    tier=(-m "not (subprocess or ray or inductor or aot or trained)")
+    tier=(-m "not (subprocess or ray or inductor or aot or trained or slow)")
 fi
 bash scripts/setup.sh
 [ "${DCFX_DEPS:-locked}" = latest ] && venv=.venv-latest || venv=.venv

@@ -9,6 +9,7 @@ from _tiny_unet import tiny_unet
 from _tolerance import FACTOR, as_float64, float32_bound, float64_copy
 
 
+@pytest.mark.slow
 def test_bench_unet_writes_one_row_per_variant(tmp_path, capsys, monkeypatch):
     bench = script("bench_unet")
     runs = []  # (runner, the generation's other arguments, final latents) of every generation

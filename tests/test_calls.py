@@ -163,6 +163,7 @@ def scheduler_of(kind: str):
 
 @pytest.mark.parametrize("mode", ["auto", "auto_equal_samples", "explicit", "enable"])
 @pytest.mark.parametrize(("kind", "interval", "branch"), [("ddim", 3, 1), ("euler", 2, 0)])
+@pytest.mark.slow
 def test_separate_guidance_calls_match_the_reference(sd, sd64, kind, interval, branch, mode, monkeypatch):
     unet, latents, uncond, cond = sd
     sched = scheduler_of(kind)
@@ -214,6 +215,7 @@ TWO_CALL_SCHEDULERS = {
 
 @pytest.mark.parametrize("mode", ["auto", "enable"])
 @pytest.mark.parametrize("kind", list(TWO_CALL_SCHEDULERS))
+@pytest.mark.slow
 def test_separate_guidance_calls_with_repeating_schedulers_equal_batched(tiny, tiny64, kind, mode, monkeypatch):
     """Heun/PNDM repeat a timestep with a new sample: those calls stay separate steps, and
     split guidance on top of them gives what the batched call gives."""
@@ -316,6 +318,7 @@ def test_a_float_schedule_costs_one_export(monkeypatch):
     assert fast.history == (uniform(9, 3),) and len(exports) == 1
 
 
+@pytest.mark.slow
 def test_a_float_the_unet_branches_on_is_bounded_then_plain(monkeypatch):
     unet = tiny_unet(seed=3)
     unet.set_attn_processor(Branching())
@@ -353,6 +356,7 @@ OPTIONS = {
 @pytest.mark.parametrize(
     ("option", "branch"), [(option, 0) for option in OPTIONS] + [("freeu", 2)],  # FreeU scales deeper blocks too
 )
+@pytest.mark.slow
 def test_model_state_options_with_the_fused_cut(option, branch):
     unet = tiny_unet(seed=5)
     (cond,) = conds(n=1)
@@ -376,6 +380,7 @@ def test_model_state_options_with_the_fused_cut(option, branch):
 # -- 4. state changed between steps ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_state_change_mid_generation_takes_effect_at_that_step():
     unet = tiny_unet(seed=6)
     (cond,) = conds(n=1)
@@ -409,6 +414,7 @@ def test_a_state_change_mid_generation_takes_effect_at_that_step():
             x = x - 0.1 * expected[0]
 
 
+@pytest.mark.slow
 def test_an_attention_processor_scale_set_by_a_callback():
     # IP-Adapter keeps its scale on its attention processors (set_ip_adapter_scale writes it
     # there); a step-end callback that sets it changes what the U-Net computes at once.

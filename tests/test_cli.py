@@ -95,6 +95,7 @@ def test_demo_command_runs(tmp_path, monkeypatch, capsys):
         assert im.info.get("Software") == "dcfx demo"
 
 
+@pytest.mark.slow
 def test_example_command_prints_the_step_sequence_flops_and_times(tmp_path, monkeypatch, capsys):
     out = _in(tmp_path, monkeypatch, capsys, "example", "--size", "tiny", "--steps", "6", "--repeats", "1")
     assert "dcfx report" in out and "GFLOPs" in out
@@ -103,6 +104,7 @@ def test_example_command_prints_the_step_sequence_flops_and_times(tmp_path, monk
     assert "x);" in out  # the speedup ratio
 
 
+@pytest.mark.slow
 def test_profile_command_runs(tmp_path, monkeypatch, capsys):
     out = _in(tmp_path, monkeypatch, capsys, "profile", "--size", "tiny", *TINY, "--steps", "2", "--interval", "2",
               "--device", "cpu", "--top", "3")
@@ -142,6 +144,7 @@ def test_demo_prints_the_table_and_writes_the_grid(tmp_path, capsys, digits_judg
     assert demo_cmd.check_output(grid, force=False) == f"replacing {grid}, written by an earlier demo"
 
 
+@pytest.mark.slow
 def test_demo_runs_a_plain_diffusers_unet_folder_with_another_scheduler(model_folder, tmp_path, capsys):
     assert main(["demo", "--model", str(model_folder), "--samples", "2", "--steps", "4", "--settings", "2:1:f1",
                  "--scheduler", "unipc", "--no-matched", "--out", str(tmp_path / "g.png"), "--threads", "1"]) == 0
@@ -200,6 +203,7 @@ def test_example_bad_arguments(argv, message, capsys):
     assert message in _error(capsys)
 
 
+@pytest.mark.slow
 def test_profile_command(model_folder, tmp_path, capsys):
     trace = tmp_path / "trace.json"
     assert main(["profile", "--model", str(model_folder), *TINY, "--steps", "4", "--interval", "2",
@@ -224,6 +228,7 @@ def test_profile_command(model_folder, tmp_path, capsys):
     assert profile_cmd.check_trace(foreign, force=True) == f"overwrote {foreign} (--force)"
 
 
+@pytest.mark.slow
 def test_graphs_command(model_folder, tmp_path, capsys):
     out = tmp_path / "g"
     assert main(["graphs", "--size", "tiny", *TINY, "--out", str(out), "--branch", "1"]) == 0
@@ -257,6 +262,7 @@ def test_profile_and_graphs_bad_input(tmp_path, capsys):
         assert message in _error(capsys)
 
 
+@pytest.mark.slow
 def test_profile_and_graphs_take_the_flux_digits_transformer(tmp_path, capsys):
     out = tmp_path / "g"
     assert main(["graphs", "--model", "flux-digits", "--out", str(out), "--first-blocks", "1", "--last-blocks", "1"]) == 0

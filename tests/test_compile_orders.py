@@ -71,6 +71,7 @@ ORDERS = (
 
 
 @pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.slow
 def test_every_order_compiles_the_two_graphs_whole_and_equals_uncompiled(unet, order):
     x, e = unet_inputs()
     expected = generation(dcfx.optimize(unet, interval=3, branch=1), x, e)
@@ -91,6 +92,7 @@ def test_every_order_compiles_the_two_graphs_whole_and_equals_uncompiled(unet, o
 
 
 @torch._dynamo.config.patch(recompile_limit=2)  # 8 by default: three signatures show it as nine do
+@pytest.mark.slow
 def test_more_signatures_than_the_recompile_limit_never_reach_it():
     # dynamo's limit is recompile_limit compiles per code object; each signature's graphs have
     # their own code, so one signature more than the limit compiles without a recompile.
@@ -367,6 +369,7 @@ def _in_thread(target, results, key):
 
 
 @pytest.mark.parametrize("other", ["torch.compiler.disable wrapper", "no wrapper"])
+@pytest.mark.slow
 def test_two_threads_each_take_their_own_compile_route(compiled, other):
     unet_a, unet_b = small_unet(seed=0), small_unet(seed=1)
     (xa, ea), (xb, eb) = unet_inputs(seed=0), unet_inputs(seed=1)

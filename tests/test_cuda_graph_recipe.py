@@ -88,6 +88,7 @@ def assert_recipe_matches(recipe: str, kind: str, device: str) -> None:
 
 
 @pytest.mark.parametrize("kind", sorted(RECIPE_SCHEDULERS))
+@pytest.mark.slow
 def test_docs_cuda_graph_recipe_as_written(kind):
     assert_recipe_matches(recipe_block(), kind, "cpu")
 
@@ -101,6 +102,7 @@ FAULTS = {
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
+@pytest.mark.slow
 def test_docs_cuda_graph_recipe_faults_are_caught(fault):
     kind, inject = FAULTS[fault]
     recipe = recipe_block()

@@ -174,6 +174,7 @@ def two_pass_kernels():
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("name, kind, interval, branch", CASES)
+@pytest.mark.slow
 def test_fp32_matches_reference(model, device, name, kind, interval, branch):
     ref = run_reference(model, name, kind, device, torch.float32, interval, branch)
     ref64 = run_reference(model, name, kind, device, torch.float64, interval, branch)

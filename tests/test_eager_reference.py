@@ -337,6 +337,7 @@ def models64(models, name):
 
 
 @pytest.mark.parametrize(("name", "branch"), CASES)
+@pytest.mark.slow
 def test_dcfx_matches_eager_reference(models, name, branch):
     unet, cond, noise = models[name]
     interval = interval_for(branch)
@@ -356,6 +357,7 @@ def test_dcfx_matches_eager_reference(models, name, branch):
 
 
 @pytest.mark.parametrize("name", MODELS)
+@pytest.mark.slow
 def test_skip_count_from_modules_matches_dcfx(models, name):
     unet, cond, noise = models[name]
     layout = Layout(unet)
@@ -368,6 +370,7 @@ def test_skip_count_from_modules_matches_dcfx(models, name):
 
 
 @pytest.mark.parametrize(("name", "branch"), CASES)
+@pytest.mark.slow
 def test_reference_uses_the_cache(models, name, branch):
     """The reference's shallow step, fed the feature of the same inputs' full step, equals
     the full step; fed another feature, it does not."""

@@ -189,6 +189,7 @@ def test_no_host_sync_ops_in_graphs(captured):
         assert aten.item.default not in targets
 
 
+@pytest.mark.slow
 def test_sd15_structure_on_meta():
     # The SD1.5 configuration (diffusers' defaults + 768-d cross attention), no weights.
     with torch.device("meta"):

@@ -154,6 +154,7 @@ GENERATIONS = [("txt2img", 5, None), ("txt2img", 4, None), ("img2img", 10, 0.6),
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("scheduler", ["ddim", "pndm", "heun", "kdpm2"])
+@pytest.mark.slow
 def test_consecutive_generations_follow_the_schedule(components, components64, embeds, image, scheduler, mode, monkeypatch):
     interval = 3
     pipe = make_pipe(components, scheduler)

@@ -30,6 +30,7 @@ def _ancestors(event):
         parent = parent.cpu_parent
 
 
+@pytest.mark.slow
 def test_ranges_name_every_step(unet, call):
     args, kwargs = call
     fast = dcfx.optimize(unet, interval=3, branch=0)

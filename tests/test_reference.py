@@ -195,6 +195,7 @@ def check_against_reference(models, name, kind, interval, branch, generations=1,
 @pytest.mark.parametrize("branch", BRANCHES)
 @pytest.mark.parametrize("interval", INTERVALS)
 @pytest.mark.parametrize("name", ["sd", "sdxl"])
+@pytest.mark.slow
 def test_matches_reference_ddim_every_branch_and_interval(models, name, interval, branch):
     check_against_reference(models, name, "ddim", interval, branch)
 
@@ -210,6 +211,7 @@ SUBSET = [(2, 0), (3, 1), (5, 2), (3, 3), (2, 4), (5, 5)]
 @pytest.mark.parametrize(("interval", "branch"), SUBSET)
 @pytest.mark.parametrize("kind", ["euler", "dpm"])
 @pytest.mark.parametrize("name", ["sd", "sdxl"])
+@pytest.mark.slow
 def test_matches_reference_schedulers(models, name, kind, interval, branch):
     check_against_reference(models, name, kind, interval, branch, generations=2, explicit=(kind == "dpm"))
 
@@ -217,6 +219,7 @@ def test_matches_reference_schedulers(models, name, kind, interval, branch):
 @pytest.mark.parametrize("kind", ["ddim", "euler", "dpm"])
 @pytest.mark.parametrize("mode", ["interval1", "explicit_all_full"])
 @pytest.mark.parametrize("name", ["sd", "sdxl"])
+@pytest.mark.slow
 def test_caching_off_equals_plain(models, name, mode, kind):
     unet, cond, latents = models[name]
     if mode == "interval1":

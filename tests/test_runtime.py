@@ -122,6 +122,7 @@ def test_new_shape_mid_generation_gets_its_own_fresh_cache(unet):
     assert fast.history == ("FSFSSF", "FFSS")
 
 
+@pytest.mark.slow
 def test_moving_to_float64_after_use_recaptures_and_stays_correct():
     own = tiny_unet(seed=5)
     fast = dcfx.optimize(own, interval=4, branch=1)
@@ -524,6 +525,7 @@ def test_autocast_is_part_of_the_signature(unet, inputs):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_changed_module_state_is_recaptured(inputs):
     # FreeU changes scalar attributes of the up blocks, no parameter: the next generation
     # must see it.

@@ -26,6 +26,7 @@ import dcfx
 # -- changes of state: moves, replaced parameters, a failed capture ------------------------------
 
 
+@pytest.mark.slow
 def test_moving_away_and_back_reuses_captures_and_cache_buffers(monkeypatch):
     unet = tiny_unet(seed=12)
     exports, compiles = [], []
@@ -67,6 +68,7 @@ def test_moving_away_and_back_reuses_captures_and_cache_buffers(monkeypatch):
     assert fast.history[-3:] == ("FSFS",) * 3
 
 
+@pytest.mark.slow
 def test_replaced_parameters_drop_the_old_states():
     # The other side of keeping states: graphs holding replaced weights are let go.
     unet = tiny_unet(seed=13)
@@ -139,6 +141,7 @@ def thread_job(fast, seed: int, batch: int, generations: int = 2) -> tuple[list[
     return outs, fast.history
 
 
+@pytest.mark.slow
 def test_threads_sharing_one_wrapper_equal_serial_runs():
     unet = tiny_unet(seed=11)  # a fresh U-Net: the threads' first calls capture concurrently
     jobs = [(1, 2), (2, 1), (3, 2)]  # (seed, batch): two signatures, three generations at once

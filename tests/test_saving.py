@@ -199,6 +199,7 @@ def test_write_with_overwrite_replaces_its_files_only(graphs, tmp_path):
 # -- pickle, deepcopy, torch.save ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pickle_copy_and_torch_save_round_trip(unet):
     g = torch.Generator().manual_seed(3)
     uncond = torch.randn(1, TOKENS, CROSS_DIM, generator=g)

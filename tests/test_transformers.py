@@ -311,6 +311,7 @@ def test_every_family_is_exact_at_interval_1(name):
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.slow
 def test_every_family_matches_dbcache_by_hand_at_interval_2(name):
     tiny = TINY[name]
     model, kwargs = tiny.model(), tiny.inputs()
@@ -325,6 +326,7 @@ def test_every_family_matches_dbcache_by_hand_at_interval_2(name):
 
 # -- report and the costly-cut warning ----------------------------------------------------------
 
+@pytest.mark.slow
 def test_report_prices_each_cut_of_a_transformer(flux):
     kwargs = FLUX.inputs()
     rep = dcfx.report(flux, **kwargs, config=DeepCacheConfig(interval=3), num_steps=10)
@@ -353,6 +355,7 @@ def _warnings_of(fast, *args, **kwargs):
     return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
 
 
+@pytest.mark.slow
 def test_a_costly_cut_warns_once_per_model_with_the_reports_figure():
     model, kwargs = FLUX.model(), FLUX.inputs()
     assert _warnings_of(dcfx.optimize(model, first_blocks=1, last_blocks=0), **kwargs) == []  # 14.8%
@@ -363,6 +366,7 @@ def test_a_costly_cut_warns_once_per_model_with_the_reports_figure():
     assert _warnings_of(dcfx.optimize(model, first_blocks=4, last_blocks=1), **kwargs) == []  # once per model
 
 
+@pytest.mark.slow
 def test_a_costly_unet_branch_warns_too():
     from _tiny_unet import CROSS_DIM, LATENT, TOKENS, tiny_unet
 
@@ -377,6 +381,7 @@ def test_a_costly_unet_branch_warns_too():
 
 # -- calibrate and cuda_graphs ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_calibrate_fits_a_schedule_on_a_flux_pipeline():
     pipe = tiny_flux_digits()
     config = dcfx.calibrate(pipe, [[1, 2], [3, 4]], budget=3, num_inference_steps=STEPS, guidance_scale=2.0)
@@ -391,6 +396,7 @@ def test_calibrate_fits_a_schedule_on_a_flux_pipeline():
 
 @pytest.mark.parametrize("options", [dict(interval=3), dict(adaptive="cut", threshold=0.3, max_shallow=2)],
                          ids=["uniform", "cut"])
+@pytest.mark.slow
 def test_cuda_graphs_steps_match_the_eager_runtime(options):
     """The CPU path of `dcfx.cuda_graphs` (the same step phases, uncaptured) on a FluxPipeline-
     shaped call (`example_call`): the same graphs on the same inputs, so bit for bit."""
