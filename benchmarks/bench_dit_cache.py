@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> str:
             add(name, True, lambda: loop.run(model), full_of(fast), "yes")
         elif name.endswith("cudagraph"):
             fast = fast_of(name, True)
-            add(name, True, loop.run_captured(lambda *a, **k: dcfx.cuda_graphs(fast, *a, return_dict=False, **k)),
+            add(name, True, loop.run_captured(lambda **call: dcfx.cuda_graphs(fast, return_dict=False, **call)),
                 lambda: f"{len(fast.full_steps(setup.steps))}/{setup.steps}")
         else:
             fast = fast_of(name, name.endswith("compile"))

@@ -110,18 +110,21 @@ class Loop:
         return x
 
     def run_captured(self, graphs_of: Callable) -> Callable[[], torch.Tensor]:
-        """A generation replayed by `dcfx.cuda_graphs` (`graphs_of(x, t, **conditions)` captures)."""
+        """A generation replayed by `dcfx.cuda_graphs` (`graphs_of(**call)` captures at the first
+        generation, so that a failing capture fails the row)."""
         s = self.setup
         x_in, t_in = self.batch(s.noise).clone(), self.timesteps[0].clone()
-        graphs = graphs_of(x_in, t_in, **s.conditions)
+        captured = []
 
         def run() -> torch.Tensor:
+            if not captured:
+                captured.append(graphs_of(hidden_states=x_in, timestep=t_in, **s.conditions))
             x = s.noise.clone()
             with torch.no_grad():
                 for i in range(s.steps):
                     x_in.copy_(self.batch(x))
                     t_in.copy_(self.timesteps[i])
-                    out = graphs.step(i, s.steps)[0]
+                    out = captured[0].step(i, s.steps)[0]
                     x = x + (self.sigmas[i + 1] - self.sigmas[i]) * self.velocity(out)
             return x
 
