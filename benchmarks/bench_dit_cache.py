@@ -84,14 +84,14 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     p.add_argument("--quick", action="store_true", help="tiny model, few steps and rows, one repeat")
-    p.add_argument("--out", type=Path, help=f"markdown file (default {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS} without --quick)")
+    p.add_argument("--out", type=Path, help="markdown file (default: benchmarks/results/dit_cache.md for flux-digits without --quick)")
     args = p.parse_args(argv)
     args.model = args.model or ("tiny" if args.quick else "flux-digits")
     args.steps = args.steps or (6 if args.quick else 25 if args.model == "flux-digits" else 10)
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.tokens = args.tokens or ((16, 8) if args.model == "tiny" else (4096, 512))
     rows_wanted = args.rows or (QUICK_ROWS if args.quick else [r for r in ALL_ROWS if r != "dcfx-2-cudagraph" or args.device != "cpu"])
-    out = args.out or (None if args.quick else RESULTS)
+    out = args.out or (RESULTS if args.model == "flux-digits" and not args.quick else None)
 
     import dcfx
     from dcfx import DeepCacheConfig
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> str:
     import diffusers
 
     text = "\n".join([
-        f"`python -P benchmarks/bench_dit_cache.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        f"`{' '.join(['python -P benchmarks/bench_dit_cache.py', *(argv if argv is not None else sys.argv[1:])])}`",
         "",
         f"{args.model}, {setup.steps} steps, {args.dtype}, median of {args.repeats} generations after 2 warm-up ones; "
         f"{device}; torch {torch.__version__}, diffusers {diffusers.__version__}",
