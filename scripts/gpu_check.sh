@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, in one run of under 10 minutes on the lent machine (Python
 # 3.12, torch 2.11, triton 3.6, no diffusers, no network): install the carried wheels and dcfx,
-# run the CUDA tests, bench_kernels.py and the U-Net benchmarks (bench_unet.py), write every table to
+# run the CUDA tests, bench_kernels.py, the U-Net benchmarks (bench_unet.py) and the
+# Flux-width cache benchmark (bench_dit_cache.py), write every table to
 # $OUT (default ./gpu_results), print a summary table last.
 #
 # Prepare here, once (the wheels are not in git; .whl/ is ignored locally):
@@ -91,6 +92,7 @@ if (( DRY_RUN )); then
     PROFILE=(--size tiny --device cpu --steps 4)
     HEAD_SPLIT=(--arch tiny --resolution 8 --device cpu --dtype fp32 --repeats 3)
     POLICY_VARIANTS=(eager dcfx)
+    FLUX_WIDTH=(--width 96 --tokens 64 16 --steps 4 --repeats 1)
 else
     SD=(--arch sd15 --resolution 64 --steps 50 --device cuda --dtype fp16 --repeats 3)
     XL=(--arch sdxl --resolution 128 --steps 30 --device cuda --dtype fp16 --repeats 2)
@@ -101,7 +103,12 @@ else
     PROFILE=(--size small --device cuda --dtype float16 --steps 10)
     HEAD_SPLIT=(--arch sd15 --resolution 64 --device cuda --dtype fp16 --repeats 21)
     POLICY_VARIANTS=(eager dcfx dcfx-cudagraph)
+    FLUX_WIDTH=(--device cuda --steps 10 --repeats 3)
 fi
+# bench_dit_cache.py at Flux's width (3072 = 24 heads of 128; 2 double- and 4 single-stream
+# blocks, random weights, bf16, 1024x1024: 4096 image and 512 text tokens; the dry run: width
+# 96, 64 + 16 tokens on the CPU, where dcfx.cuda_graphs runs its steps uncaptured).
+FLUX_WIDTH+=(--model flux-width --dtype bf16 --rows eager compile fbc-2-compile dcfx-2-compile dcfx-2-cudagraph --out "$OUT/flux_width.md")
 UNET=(--interval 3 --branch 0 --no-progress)
 
 # Most valuable first: a stage cut by the budget loses only what comes after it.
@@ -114,6 +121,7 @@ stage head_split 60 "$PY" benchmarks/bench_head_split.py "${HEAD_SPLIT[@]}"
 stage unet_sd15_adaptive 80 "$PY" benchmarks/bench_unet.py "${SD[@]}" "${UNET[@]}" --adaptive cut --threshold 0.2 --variants "${POLICY_VARIANTS[@]}" --csv "$OUT/unet_sd15_adaptive.csv" --md "$OUT/unet_sd15_adaptive.md"
 stage unet_sd15_forecast 80 "$PY" benchmarks/bench_unet.py "${SD[@]}" "${UNET[@]}" --forecast 2 --variants "${POLICY_VARIANTS[@]}" --csv "$OUT/unet_sd15_forecast.csv" --md "$OUT/unet_sd15_forecast.md"
 stage bench_kernels 60 "$PY" benchmarks/bench_kernels.py --dtype fp16 "${KERNEL_BENCH[@]}"
+stage flux_width 150 "$PY" -P benchmarks/bench_dit_cache.py "${FLUX_WIDTH[@]}"
 stage unet_sd15 110 "$PY" benchmarks/bench_unet.py "${SD[@]}" "${UNET[@]}" --variants "${EAGER[@]}" --csv "$OUT/unet_sd15.csv" --md "$OUT/unet_sd15.md"
 # Cold compiles of the SD1.5 U-Net (plain, and dcfx's full + shallow graphs) dominate here.
 stage unet_sd15_compiled 220 "$PY" benchmarks/bench_unet.py "${SD[@]}" --repeats 2 "${UNET[@]}" --variants "${COMPILED[@]}" --csv "$OUT/unet_sd15_compiled.csv" --md "$OUT/unet_sd15_compiled.md"
@@ -128,6 +136,7 @@ echo "=== summary ($(( SECONDS ))s; results in $OUT) ==="
 column -t -s $'\t' "$STATUS" 2>/dev/null || cat "$STATUS"
 # The U-Net tables without their notes paragraph, which is printed once (output stays short).
 [[ -f "$OUT/head_split.txt" ]] && { echo; echo "[head_split]"; grep -vi "warn\|kept in float32" "$OUT/head_split.txt"; }
+[[ -f "$OUT/flux_width.md" ]] && { echo; echo "[flux_width]"; grep "^|" "$OUT/flux_width.md"; }
 for name in unet_sd15 unet_sd15_adaptive unet_sd15_forecast unet_sdxl unet_sd15_compiled; do
     [[ -f "$OUT/$name.md" ]] && { echo; echo "[$name]"; grep -v "^s/gen:" "$OUT/$name.md"; }
 done
